@@ -1,0 +1,98 @@
+"""The Ray runtime: a local embedded Ray on loopback by default, or an existing cluster.
+
+Ray waits forever for resources it cannot get, so placement groups are created only after a check
+that fails fast, naming what is missing, and are awaited with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+from rlhf.config import RayConfig
+
+# Keep a local Ray on loopback and quiet: no usage stats, no dashboard, no network address.
+LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot host what was asked for; the message says what is missing."""
+
+
+def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -> None:
+    """Connect to ``cfg.address`` / $RAY_ADDRESS, else start a local embedded Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def check_resources(bundles: list[dict[str, float]], *, strategy: str = "PACK", what: str = "this job") -> None:
+    """Fail fast when the cluster can never host ``bundles`` (total, or per node for STRICT_PACK)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need: dict[str, float] = defaultdict(float)
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] += amount
+    total: dict[str, float] = defaultdict(float)
+    for node in nodes:
+        for key, amount in node.items():
+            total[key] += amount
+    missing = {k: v - total.get(k, 0.0) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+    if missing:
+        raise ResourceError(
+            f"{what} needs {_fmt(need)} in {len(bundles)} bundles, but the cluster has "
+            f"{_fmt({k: total.get(k, 0.0) for k in need})}: missing {_fmt(missing)}. "
+            "Lower the workers/engines or their cpus/gpus, or add nodes."
+        )
+    for i, bundle in enumerate(bundles):
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+            raise ResourceError(f"{what}: bundle {i} ({_fmt(bundle)}) fits on no single node")
+    if strategy == "STRICT_PACK" and not any(
+        all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for node in nodes
+    ):
+        raise ResourceError(f"{what}: STRICT_PACK needs {_fmt(need)} on one node; no node has that")
+
+
+def create_placement_group(bundles: list[dict[str, float]], *, strategy: str = "PACK",
+                           name: str = "", timeout_s: float = 30.0, what: str = "this job"):
+    """Check, create, and wait (bounded) for a placement group."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    check_resources(bundles, strategy=strategy, what=what)
+    group = placement_group(bundles, strategy=strategy, name=name)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise ResourceError(
+            f"{what}: placement group ({_fmt(bundles[0])} x {len(bundles)}, {strategy}) was not ready "
+            f"within {timeout_s:g} s; other jobs may hold the resources (available now: "
+            f"{_fmt(ray.available_resources())})"
+        ) from None
+    return group

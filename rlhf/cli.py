@@ -1,0 +1,128 @@
+"""The `rlhf` command.
+
+    rlhf models pull default          convert the embedded default model once (cached)
+    rlhf models tiny OUT              write a tiny random Llama for tests and quick demos
+    rlhf config show STAGE [-c FILE] [KEY=VALUE ...]
+    rlhf STAGE -c FILE [KEY=VALUE ...]     STAGE: sft, rm, pairs, ppo, serve, eval, bench, run
+
+Overrides are dotted keys: ``rlhf ppo -c configs/demo.yaml ppo.kl.coef=0.05 output_dir=runs/x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rlhf.config import STAGES, ConfigError, dump_config, load_config
+
+# The controller module of each stage; each has ``run(config) -> pathlib.Path``.
+STAGE_MODULES = {
+    "sft": "rlhf.sft",
+    "rm": "rlhf.rm",
+    "pairs": "rlhf.pairs",
+    "ppo": "rlhf.ppo",
+    "serve": "rlhf.serve",
+    "eval": "rlhf.eval",
+    "bench": "rlhf.bench",
+    "run": "rlhf.pipeline",
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story: print it, no traceback."""
+    from cluster.runtime import ResourceError
+    from rlhf.data.errors import DataError
+    from rlhf.models.loading import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError, ResourceError, FileNotFoundError)
+
+
+def _add_stage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML config file (defaults apply when omitted)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seed=1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="Distributed RLHF on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="provision models").add_subparsers(dest="action", required=True)
+    pull = models.add_parser("pull", help="convert the embedded default model once (cached under $RLHF_HOME)")
+    pull.add_argument("name", choices=["default"])
+    tiny = models.add_parser("tiny", help="write a tiny random Llama with a real tokenizer")
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+
+    config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print a stage's resolved config")
+    show.add_argument("stage", choices=sorted(STAGES))
+    _add_stage_args(show)
+
+    for stage in STAGES:
+        doc = (STAGES[stage].__doc__ or "").strip().splitlines()[0]
+        stage_parser = commands.add_parser(stage, help=doc)
+        _add_stage_args(stage_parser)
+        if stage == "run":
+            stage_parser.add_argument("--quick", action="store_true", help="the tiny-model preset (minutes)")
+    return parser
+
+
+def _run_stage(stage: str, args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if getattr(args, "quick", False):
+        from rlhf.pipeline import QUICK_OVERRIDES
+
+        overrides = QUICK_OVERRIDES + overrides
+    cfg = load_config(stage, args.config, overrides)
+    try:
+        module = importlib.import_module(STAGE_MODULES[stage])
+    except ModuleNotFoundError as exc:
+        if exc.name != STAGE_MODULES[stage]:
+            raise
+        print(f"error: stage '{stage}' is not implemented yet", file=sys.stderr)
+        return 2
+    output = module.run(cfg)
+    print(f"{stage}: done, output in {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "models" and args.action == "pull":
+            from rlhf.models import ensure_default_model
+
+            print(ensure_default_model())
+            return 0
+        if args.command == "models" and args.action == "tiny":
+            from rlhf.models import build_tiny_model
+
+            out = build_tiny_model(args.out, hidden_size=args.hidden_size, layers=args.layers,
+                                   heads=args.heads, seed=args.seed)
+            print(out)
+            return 0
+        if args.command == "config":
+            print(dump_config(load_config(args.stage, args.config, args.overrides)), end="")
+            return 0
+        return _run_stage(args.command, args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Typed configuration for every stage.
+
+One pydantic model per stage (sft, rm, pairs, ppo, serve, eval, bench, run), loaded from YAML with
+dotted command-line overrides (``ppo.kl.coef=0.05``). Every default lives here and only here.
+Unknown keys and wrong types are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    """LoRA adapters through peft. Absent (``lora: null``) means full fine-tuning."""
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: int = Field(16, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="names of the linear layers that get adapters",
+    )
+
+
+class ModelConfig(Section):
+    """Where a model comes from and how it is loaded."""
+
+    path: str = Field(
+        "default",
+        description="local Hugging Face folder, a hub id, 'default' (SmolLM2-135M-Instruct, "
+        "provisioned by `rlhf models pull default`) or 'tiny' (a tiny random Llama for tests)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model (off: safer)")
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+
+
+class DataConfig(Section):
+    """Where records come from and how they are tokenised.
+
+    A path is a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``), ``default`` (the dataset
+    shipped with the package) or ``hf:NAME`` / ``hf:NAME:CONFIG`` for ``datasets.load_dataset``.
+    """
+
+    train_path: str = "default"
+    eval_path: str | None = Field(
+        None, description="held-out records; when absent, eval_fraction of train_path is held out"
+    )
+    train_split: str = Field("train", description="split name for hf: sources")
+    eval_split: str = Field("test", description="split name for hf: sources")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="rename source columns to ours, e.g. {prompt: question, response: answer}",
+    )
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    phase_split: str | None = Field(
+        None,
+        description="DeepSpeed-Chat style split of one dataset across sft/rm/ppo, e.g. '2,4,4'; "
+        "each stage takes its own share, deterministically by seed",
+    )
+    max_length: int = Field(512, gt=0, description="tokens per sequence, prompt plus response")
+    max_prompt_length: int = Field(256, gt=0, description="prompts longer than this are left-truncated")
+    max_records: int | None = Field(None, gt=0, description="use at most this many training records")
+    max_record_chars: int = Field(
+        100_000, gt=0, description="a record whose text is longer than this is an error (or skipped)"
+    )
+    skip_invalid: bool = Field(
+        False, description="skip malformed records and report counts by reason, instead of failing"
+    )
+    chat_template: bool = Field(True, description="apply the tokenizer's chat template when it has one")
+
+    @field_validator("phase_split")
+    @classmethod
+    def _check_phase_split(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts) or sum(map(int, parts)) == 0:
+            raise ValueError(f"expected three non-negative integers like '2,4,4', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) so responses have room"
+            )
+        return self
+
+
+class ScalingConfig(Section):
+    """How many Ray Train workers, and what each one gets."""
+
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class DeepSpeedConfig(Section):
+    """Maps onto a DeepSpeed config. ``extra`` is merged in verbatim for anything not named here."""
+
+    enabled: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU (GPU clusters)")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(Section):
+    """Optimiser, schedule and the training loop's length."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps")
+    batch_size: int = Field(8, gt=0, description="sequences per worker per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    eval_every: int = Field(50, gt=0, description="optimiser steps between held-out evaluations")
+    save_every: int | None = Field(None, gt=0, description="optimiser steps between resume checkpoints")
+    log_every: int = Field(1, gt=0)
+
+
+class SamplingConfig(Section):
+    """Sampling for rollouts, pair generation and serving."""
+
+    temperature: float = Field(1.0, ge=0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1 disables top-k")
+    max_new_tokens: int = Field(64, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    stop_token_ids: list[int] = Field(default_factory=list)
+    n: int = Field(1, gt=0, description="samples per prompt")
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> SamplingConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+class RayConfig(Section):
+    """Which Ray to use: a local embedded instance (default) or an existing cluster."""
+
+    address: str | None = Field(
+        None, description="Ray address (ray://..., auto, or host:port); defaults to $RAY_ADDRESS, "
+        "else a local embedded Ray on 127.0.0.1"
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray (default: all)")
+    num_gpus: int | None = Field(None, ge=0)
+    resource_timeout_s: float = Field(
+        30.0, gt=0, description="how long to wait for a placement group before failing"
+    )
+
+
+class StageConfig(Section):
+    """Fields every stage has."""
+
+    output_dir: str = "runs/default"
+    seed: int = 42
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+class SFTConfig(StageConfig):
+    """`rlhf sft`: supervised fine-tuning on prompt/response pairs, loss on response tokens only."""
+
+    output_dir: str = "runs/sft"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=5e-5))
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    resume_from: str | None = Field(None, description="a Ray Train checkpoint folder to continue from")
+    save_adapter_only: bool = Field(False, description="with LoRA: save the adapter, not merged weights")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["Say something kind to a friend.", "How do I make tea?"],
+        description="prompts whose generations are written before and after training",
+    )
+
+
+class RMConfig(StageConfig):
+    """`rlhf rm`: a scalar-head reward model trained on chosen/rejected pairs."""
+
+    output_dir: str = "runs/rm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(train_path="pairs.jsonl"))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=2e-5))
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    resume_from: str | None = None
+    save_adapter_only: bool = False
+    margin: float = Field(0.0, ge=0, description="loss = -log sigmoid(r_chosen - r_rejected - margin)")
+    normalize: bool = Field(True, description="store mean/std of train-set scores for PPO to normalise")
+
+
+class JudgeConfig(Section):
+    """What scores responses when no reward model is trained yet."""
+
+    kind: Literal["default", "function", "model"] = Field(
+        "default", description="default: friendly, positive, on-topic replies (vaderSentiment)"
+    )
+    function: str | None = Field(None, description="FILE.py:NAME taking (prompts, responses) -> scores")
+    path: str | None = Field(None, description="reward-model folder, for kind: model")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> JudgeConfig:
+        if self.kind == "function" and not self.function:
+            raise ValueError("kind 'function' needs function: FILE.py:NAME")
+        if self.kind == "model" and not self.path:
+            raise ValueError("kind 'model' needs path: a reward-model folder")
+        return self
+
+
+class PairsConfig(StageConfig):
+    """`rlhf pairs`: sample K responses per prompt, score them with a judge, write chosen/rejected."""
+
+    output_dir: str = "runs/pairs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=2, temperature=1.0))
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    backend: Literal["vllm", "hf"] = "vllm"
+    min_score_gap: float = Field(
+        0.0, ge=0, description="drop pairs whose judge scores differ by no more than this (counted)"
+    )
+
+
+class RewardConfig(Section):
+    """Where PPO's reward comes from: exactly one of path, function or url."""
+
+    path: str | None = Field(None, description="reward-model folder")
+    function: str | None = Field(None, description="FILE.py:NAME taking (prompts, responses) -> scores")
+    url: str | None = Field(None, description="HTTP endpoint taking {prompts, responses} -> {scores}")
+    normalize: bool = Field(True, description="use the reward model's stored mean/std")
+    clip: float | None = Field(None, gt=0, description="clip rewards to [-clip, clip]")
+    length_penalty: float = Field(0.0, description="added per response token")
+    eos_penalty: float = Field(0.0, description="added when a response ends without EOS")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> RewardConfig:
+        given = [k for k in ("path", "function", "url") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of path, function, url; got {', '.join(given)}")
+        return self
+
+
+class KLConfig(Section):
+    """KL penalty against the reference model."""
+
+    coef: float = Field(0.05, ge=0)
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    mode: Literal["reward", "loss"] = Field("reward", description="penalise in the reward or add to the loss")
+    adaptive: bool = False
+    target: float = Field(6.0, gt=0, description="adaptive controller's target KL")
+    horizon: int = Field(10000, gt=0)
+
+
+class PPOAlgoConfig(Section):
+    """The algorithm's knobs (pure math in rlhf/algorithms)."""
+
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    kl: KLConfig = Field(default_factory=KLConfig)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_ratio: float = Field(0.2, gt=0)
+    dual_clip: float | None = Field(None, gt=1)
+    value_clip: float = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    ptx_coef: float = Field(0.0, ge=0, description="weight of an LM loss on SFT data mixed in")
+    whiten_advantages: bool = True
+    epochs: int = Field(1, gt=0, description="passes over each rollout batch")
+    rollout_batch_size: int = Field(16, gt=0, description="prompts per iteration")
+    micro_batch_size: int = Field(8, gt=0)
+    policy_learning_rate: float = Field(1e-6, gt=0)
+    critic_learning_rate: float = Field(5e-6, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class RolloutConfig(Section):
+    """Generation engines."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    engines: int = Field(1, gt=0)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    enforce_eager: bool = True
+    kv_cache_gib: float = Field(1.0, gt=0)
+
+
+class PlacementConfig(Section):
+    """Where actors run. Fractional CPU bundles on CPU machines, GPU bundles on GPU clusters."""
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    colocate: Literal["none", "policy_reference", "critic_reward", "all"] = "none"
+    cpus_per_actor: float = Field(0.25, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class PPOConfig(StageConfig):
+    """`rlhf ppo`: PPO with a KL penalty, on Ray actors with vLLM rollouts."""
+
+    output_dir: str = "runs/ppo"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    critic: ModelConfig | None = Field(None, description="critic backbone; defaults to the reward model")
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    ppo: PPOAlgoConfig = Field(default_factory=PPOAlgoConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig(zero_stage=0))
+    policy_workers: int = Field(1, gt=0)
+    critic_workers: int = Field(1, gt=0)
+    steps: int = Field(20, gt=0, description="PPO iterations")
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    reward_threshold: float | None = Field(None, description="stop early when reward/mean reaches this")
+    resume_from: str | None = None
+
+
+class ServeConfig(StageConfig):
+    """`rlhf serve`: an OpenAI-compatible HTTP API on Ray Serve."""
+
+    output_dir: str = "runs/serve"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    model_name: str | None = Field(None, description="name clients use; defaults to the folder name")
+    adapter_path: str | None = Field(None, description="a LoRA adapter to serve on top of the model")
+    backend: Literal["vllm", "hf"] = "vllm"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (or $RLHF_API_KEY)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: int = Field(8, gt=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    max_model_len: int = Field(2048, gt=0)
+
+
+class EvalConfig(StageConfig):
+    """`rlhf eval`: policy versus reference on held-out prompts."""
+
+    output_dir: str = "runs/eval"
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ModelConfig = Field(default_factory=ModelConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    max_prompts: int = Field(64, gt=0)
+    kl_threshold: float = Field(10.0, gt=0, description="flag reward hacking above this KL")
+
+
+class BenchConfig(StageConfig):
+    """`rlhf bench`: rollout throughput."""
+
+    output_dir: str = "runs/bench"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: int = Field(64, gt=0)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
+    engines: list[int] = Field(default_factory=lambda: [1, 2])
+
+
+class RunConfig(StageConfig):
+    """`rlhf run`: the whole pipeline, sft -> pairs -> rm -> ppo -> eval, each stage under output_dir."""
+
+    output_dir: str = "runs/demo"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    rm: RMConfig = Field(default_factory=RMConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "pairs": PairsConfig,
+    "ppo": PPOConfig,
+    "serve": ServeConfig,
+    "eval": EvalConfig,
+    "bench": BenchConfig,
+    "run": RunConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# --------------------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=(.*)$", re.DOTALL)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'ppo.kl.coef=0.05'`` -> ``(['ppo', 'kl', 'coef'], 0.05)``; the value is read as YAML."""
+    match = _OVERRIDE.match(text)
+    if not match:
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. ppo.kl.coef=0.05")
+    key, raw = match.groups()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: keep the text as it is
+    return key.split("."), value
+
+
+def apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top, got {type(data).__name__}")
+    return data
+
+
+def _section_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The config class that owns the field at ``loc`` (for listing valid keys)."""
+    current: Any = cls
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def explain(error: ValidationError, cls: type[BaseModel], source: str) -> ConfigError:
+    """Turn pydantic's errors into one message that names each key and what it expects."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            owner = _section_at(cls, loc[:-1])
+            valid = ", ".join(owner.model_fields) if owner else "?"
+            lines.append(f"unknown key '{key}'; valid keys here: {valid}")
+        else:
+            got = item.get("input")
+            got_text = " (got a mapping)" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {item['msg']}{got_text}")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
+                overrides: list[str] | None = None) -> StageConfig:
+    """Read a stage's config from YAML (optional) and apply dotted overrides."""
+    cls = STAGES[stage] if isinstance(stage, str) else stage
+    tree = read_yaml(path) if path else {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    source = str(path) if path else "(defaults)"
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        raise explain(exc, cls, source) from None
+
+
+SECRET_KEY = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+
+
+def mask_secrets(tree: Any) -> Any:
+    """A copy of a config tree with values of secret-looking keys replaced by '***'."""
+    if isinstance(tree, dict):
+        return {
+            k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else mask_secrets(v))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [mask_secrets(v) for v in tree]
+    return tree
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML, secrets masked."""
+    return yaml.safe_dump(mask_secrets(config.model_dump(mode="json")), sort_keys=False)
+
+
+def save_config(config: BaseModel, output_dir: str | Path) -> Path:
+    """Write ``<output_dir>/config.yaml`` atomically."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(config))
+    tmp.replace(target)
+    return target

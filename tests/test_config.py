@@ -1,0 +1,119 @@
+"""Typed configs: defaults, YAML, dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlhf.cli import main
+from rlhf.config import STAGES, ConfigError, PPOConfig, dump_config, load_config, save_config
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_has_valid_defaults(stage):
+    cfg = load_config(stage)
+    assert cfg.seed == 42
+    assert cfg.output_dir.startswith("runs/")
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("seed: 7\nppo:\n  kl:\n    coef: 0.1\n    estimator: k3\nmodel:\n  path: tiny\n")
+    cfg = load_config("ppo", path, ["ppo.kl.coef=0.05", "output_dir=runs/x", "rollout.sampling.stop=[a, b]"])
+    assert isinstance(cfg, PPOConfig)
+    assert cfg.seed == 7
+    assert cfg.ppo.kl.coef == 0.05 and cfg.ppo.kl.estimator == "k3"
+    assert cfg.model.path == "tiny"
+    assert cfg.output_dir == "runs/x"
+    assert cfg.rollout.sampling.stop == ["a", "b"]
+
+
+def test_override_creates_optional_section():
+    cfg = load_config("sft", None, ["model.lora.r=4"])
+    assert cfg.model.lora is not None and cfg.model.lora.r == 4 and cfg.model.lora.alpha == 16
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ppo:\n  kl:\n    coeff: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("ppo", path)
+    message = str(info.value)
+    assert "ppo.kl.coeff" in message and str(path) in message
+    assert "coef" in message and "estimator" in message and "horizon" in message
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'.*valid keys here: .*optim"):
+        load_config("sft", None, ["learning_rate=0.1"])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"optim\.batch_size: .*integer.*'lots'"):
+        load_config("sft", None, ["optim.batch_size=lots"])
+
+
+def test_out_of_range_and_choice_errors():
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.temperature"):
+        load_config("ppo", None, ["rollout.sampling.temperature=-1"])
+    with pytest.raises(ConfigError, match=r"ppo\.kl\.estimator"):
+        load_config("ppo", None, ["ppo.kl.estimator=k9"])
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage"):
+        load_config("sft", None, ["deepspeed.zero_stage=4"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        load_config("sft", None, ["data.max_length=64", "data.max_prompt_length=64"])
+    with pytest.raises(ConfigError, match="exactly one of path, function, url"):
+        load_config("ppo", None, ["reward.path=rm", "reward.url=http://127.0.0.1:1"])
+    with pytest.raises(ConfigError, match="phase_split"):
+        load_config("sft", None, ["data.phase_split=2,4"])
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: 1\nmodel:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line \d+"):
+        load_config("sft", path)
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config("sft", path)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("sft", tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config("sft", None, ["seed"])
+    with pytest.raises(ConfigError, match="seed is not a section"):
+        load_config("sft", None, ["seed=1", "seed.x=1"])
+    with pytest.raises(ConfigError, match=r"seed: .*integer.*\(got a mapping\)"):
+        load_config("sft", None, ["seed.x=1"])
+
+
+def test_dump_masks_secrets_and_save_round_trips(tmp_path):
+    cfg = load_config("serve", None, ["api_key=sk-very-secret"])
+    text = dump_config(cfg)
+    assert "sk-very-secret" not in text and "api_key: '***'" in text
+    path = save_config(load_config("sft", None, ["seed=3"]), tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert load_config("sft", path).seed == 3
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_cli_config_show(capsys):
+    assert main(["config", "show", "ppo", "ppo.kl.coef=0.2"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["ppo"]["kl"]["coef"] == 0.2
+    assert shown["rollout"]["backend"] == "vllm"
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["config", "show", "sft", "optim.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "optim.nope" in err and "Traceback" not in err
