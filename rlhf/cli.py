@@ -3,7 +3,8 @@
     rlhf models pull default          convert the embedded default model once (cached)
     rlhf models tiny OUT              write a tiny random Llama for tests and quick demos
     rlhf config show STAGE [-c FILE] [KEY=VALUE ...]
-    rlhf STAGE -c FILE [KEY=VALUE ...]     STAGE: sft, rm, pairs, ppo, serve, eval, bench, run
+    rlhf STAGE -c FILE [KEY=VALUE ...]     STAGE: sft, rm, pairs, ppo, serve, eval, run
+    rlhf bench rollout [-c FILE] [KEY=VALUE ...]
 
 Overrides are dotted keys: ``rlhf ppo -c configs/demo.yaml ppo.kl.coef=0.05 output_dir=runs/x``.
 """
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         doc = (STAGES[stage].__doc__ or "").strip().splitlines()[0]
         stage_parser = commands.add_parser(stage, help=doc)
+        if stage == "bench":
+            stage_parser.add_argument("what", choices=["rollout"], help="what to benchmark")
         _add_stage_args(stage_parser)
         if stage == "run":
             stage_parser.add_argument("--quick", action="store_true", help="the tiny-model preset (minutes)")
@@ -87,7 +90,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
             raise
         print(f"error: stage '{stage}' is not implemented yet", file=sys.stderr)
         return 2
-    output = module.run(cfg)
+    output = module.run(cfg, args.what) if stage == "bench" else module.run(cfg)
     print(f"{stage}: done, output in {output}")
     return 0
 

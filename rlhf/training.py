@@ -1,0 +1,396 @@
+"""The training loop shared by the SFT and reward-model stages: Ray Train workers running DeepSpeed.
+
+The driver (``fit``) checks resources and data, then starts a Ray Train ``TorchTrainer`` whose workers
+run ``train_loop``. A *task* (``rlhf.sft.SFTTask`` or ``rlhf.rm.RewardTask``) supplies what differs
+between stages: the model, how a batch is collated, its loss, and its evaluation.
+
+Data order is a function of (seed, step) alone, so a run resumed from a checkpoint sees exactly the
+batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlhf.config import DeepSpeedConfig, OptimConfig, SFTConfig, RMConfig
+
+STATE_FILE = "trainer_state.json"
+DEEPSPEED_TAG = "state"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue; the message says why."""
+
+
+class Task(Protocol):
+    """What a stage plugs into the shared loop."""
+
+    name: str
+
+    def build_model(self, cfg: Any, path: str) -> torch.nn.Module: ...
+
+    def collate(self, items: list[dict], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss of one micro-batch, and metrics to average across micro-batches and ranks."""
+
+    def eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sums over one held-out batch; summed across batches and ranks, then ``eval_metrics``."""
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def finish(self, engine: Any, items: list[dict], ctx: WorkerContext) -> dict[str, Any]:
+        """Runs on every rank after training; returns extra files for the final folder (rank 0)."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world: int
+    batch_size: int
+    pad_id: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers (no Ray, no DeepSpeed): schedule, data order, DeepSpeed config
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def steps_per_epoch(n_items: int, global_batch: int) -> int:
+    return n_items // global_batch
+
+
+def micro_batch_indices(step: int, *, n_items: int, seed: int, batch_size: int, grad_accum: int,
+                        world: int, rank: int) -> list[list[int]]:
+    """Indices of the micro-batches rank ``rank`` trains on at optimiser step ``step``.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); a step takes the next global batch
+    (batch_size * grad_accum * world items) and deals micro-batches out to ranks in turn.
+    """
+    global_batch = batch_size * grad_accum * world
+    per_epoch = steps_per_epoch(n_items, global_batch)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    chunk = order[offset * global_batch:(offset + 1) * global_batch].tolist()
+    return [
+        chunk[(m * world + rank) * batch_size:(m * world + rank + 1) * batch_size] for m in range(grad_accum)
+    ]
+
+
+def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, *, world: int, bf16: bool) -> dict:
+    """Our config mapped onto DeepSpeed's; ``ds.extra`` is merged last, verbatim."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "train_batch_size": optim.batch_size * optim.grad_accum * world,
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def plan_steps(n_items: int, optim: OptimConfig, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps); an error when the data cannot fill one global batch."""
+    global_batch = optim.batch_size * optim.grad_accum * world
+    per_epoch = steps_per_epoch(n_items, global_batch)
+    if per_epoch == 0:
+        raise TrainingError(
+            f"{n_items} training examples cannot fill one global batch of {global_batch} "
+            f"(optim.batch_size {optim.batch_size} x optim.grad_accum {optim.grad_accum} x {world} workers); "
+            "lower the batch size or add data"
+        )
+    total = per_epoch * optim.epochs
+    if optim.max_steps is not None:
+        total = min(total, optim.max_steps)
+    return per_epoch, total
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker loop (runs inside each Ray Train worker)
+# --------------------------------------------------------------------------------------------------
+
+
+def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def sharded_batches(task: Task, items: list[dict], ctx: WorkerContext, device):
+    """This rank's share of ``items`` in batches, as ``(batch, real)``.
+
+    Every rank yields the same number of batches, because under ZeRO-3 every forward needs all
+    ranks; a rank whose share ran out gets a stand-in batch with ``real=False`` (ignore its output).
+    """
+    shard = items[ctx.rank::ctx.world]
+    for b in range(math.ceil(len(items) / ctx.world / ctx.batch_size)):
+        chunk = shard[b * ctx.batch_size:(b + 1) * ctx.batch_size]
+        batch = {k: v.to(device) for k, v in task.collate(chunk or items[:1], ctx.pad_id).items()}
+        yield batch, bool(chunk)
+
+
+def _evaluate(engine, task: Task, items: list[dict], ctx: WorkerContext, device) -> dict[str, float]:
+    """Every rank evaluates its shard; sums are reduced across ranks."""
+    sums: dict[str, float] = {}
+    engine.eval()
+    with torch.no_grad():
+        for batch, real in sharded_batches(task, items, ctx, device):
+            batch_sums = task.eval_sums(engine, batch)
+            if real:
+                for key, value in batch_sums.items():
+                    sums[key] = sums.get(key, 0.0) + value
+    engine.train()
+    return task.eval_metrics(all_reduce_sums(sums))
+
+
+def _save_resume_checkpoint(engine, step: int, metrics: dict[str, float], ctx: WorkerContext) -> None:
+    """DeepSpeed state of every rank, merged by Ray Train into one checkpoint folder."""
+    import ray.train
+
+    local = Path(tempfile.mkdtemp(prefix=f"rlhf-ckpt-r{ctx.rank}-"))
+    engine.save_checkpoint(str(local), tag=DEEPSPEED_TAG)
+    if ctx.rank == 0:
+        (local / STATE_FILE).write_text(json.dumps({"step": step}))
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+        checkpoint_dir_name=f"checkpoint_step_{step:06d}",
+    )
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _final_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 (ZeRO-3 gathers them from all ranks; every rank must call this)."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def save_final_model(task: Task, cfg: SFTConfig | RMConfig, path: str, state: dict[str, torch.Tensor],
+                     out: Path, tokenizer_path: str, extra_files: dict[str, Any]) -> Path:
+    """A Hugging Face folder at ``out`` (written beside it, then renamed): merged weights, unless
+    ``save_adapter_only``. With LoRA the adapter alone is also written to ``<output_dir>/adapter``."""
+    from transformers import AutoTokenizer
+
+    from rlhf.models import attach_lora, merge_lora
+    from rlhf.models.loading import torch_dtype
+
+    model = task.build_model(cfg.model, path)
+    if cfg.model.lora is not None:
+        model = attach_lora(model, cfg.model.lora, task_type=task.peft_task_type)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "lora_" in m or "score" in m]:
+        raise TrainingError(f"final weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = model.to(torch_dtype(cfg.model.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if cfg.model.lora is not None:
+        _write_folder(model, tokenizer, extra_files, out.with_name("adapter"))
+        if not cfg.save_adapter_only:
+            model = merge_lora(model)
+    return _write_folder(model, tokenizer, extra_files, out)
+
+
+def _write_folder(model, tokenizer, extra_files: dict[str, Any], out: Path) -> Path:
+    """save_pretrained into a staging folder, then rename: no half-written model on failure."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    for name, content in extra_files.items():
+        (staging / name).write_text(json.dumps(content, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def train_loop(job: dict) -> None:
+    """Body of each Ray Train worker."""
+    import ray.train
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from rlhf.metrics import MetricsLogger
+    from rlhf.models import attach_lora
+
+    task: Task = job["task"]
+    cfg: SFTConfig | RMConfig = job["cfg"]
+    optim = cfg.optim
+    context = ray.train.get_context()
+    ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), optim.batch_size, job["pad_id"])
+    device = torch.device("cuda", context.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+    train_items, eval_items = job["train_items"], job["eval_items"]
+    per_epoch, total_steps = plan_steps(len(train_items), optim, ctx.world)
+    warmup = int(optim.warmup_ratio * total_steps)
+
+    model = task.build_model(cfg.model, job["model_path"])
+    if cfg.model.lora is not None:
+        model = attach_lora(model, cfg.model.lora, task_type=task.peft_task_type)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, betas=optim.betas, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, optim.scheduler)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg.deepspeed, optim, world=ctx.world, bf16=cfg.model.dtype == "bfloat16"),
+    )
+
+    start_step = 0
+    if job["resume_from"]:
+        resume = Path(job["resume_from"])
+        engine.load_checkpoint(str(resume), tag=DEEPSPEED_TAG)
+        start_step = json.loads((resume / STATE_FILE).read_text())["step"]
+
+    logger = MetricsLogger(cfg.output_dir, append=start_step > 0) if ctx.rank == 0 else None
+    progress = None
+    if ctx.rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
+
+        progress = tqdm(total=total_steps, desc=f"{task.name} training")
+        progress.update(start_step)
+
+    if start_step == 0:  # the baseline every later evaluation is compared with
+        baseline = _evaluate(engine, task, eval_items, ctx, device)
+        if logger:
+            logger.log(0, baseline)
+
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens = 0
+        indices = micro_batch_indices(step, n_items=len(train_items), seed=cfg.seed, batch_size=optim.batch_size,
+                                      grad_accum=optim.grad_accum, world=ctx.world, rank=ctx.rank)
+        for micro in indices:
+            batch = {k: v.to(device) for k, v in task.collate([train_items[i] for i in micro], ctx.pad_id).items()}
+            loss, micro_metrics = task.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            tokens += task.tokens(batch)
+            for key, value in micro_metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        reduced = all_reduce_sums({**sums, "_tokens": tokens})
+        done = step + 1
+        metrics = {key: reduced[key] / (len(indices) * ctx.world) for key in sums}
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+        metrics["tokens_per_s"] = reduced["_tokens"] / (time.perf_counter() - started)
+        metrics["epoch"] = step / per_epoch
+        if done % optim.eval_every == 0 or done == total_steps:
+            metrics.update(_evaluate(engine, task, eval_items, ctx, device))
+        if logger and (done % optim.log_every == 0 or done == total_steps):
+            logger.log(done, {k if "/" in k else f"train/{k}": v for k, v in metrics.items()})
+        if progress:
+            progress.update(1)
+        if optim.save_every and done % optim.save_every == 0 and done < total_steps:
+            _save_resume_checkpoint(engine, done, metrics, ctx)
+
+    extra_files = task.finish(engine, train_items, ctx)
+    state = _final_state_dict(engine, cfg.deepspeed.zero_stage)
+    if ctx.rank == 0:
+        save_final_model(task, cfg, job["model_path"], state, Path(cfg.output_dir) / "final",
+                         job["model_path"], extra_files)
+        logger.close()
+        progress.close()
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver side
+# --------------------------------------------------------------------------------------------------
+
+
+def fit(task: Task, cfg: SFTConfig | RMConfig, *, model_path: str, train_items: list[dict],
+        eval_items: list[dict], pad_id: int) -> Path:
+    """Check everything that can be checked before training, then run the Ray Train job."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.runtime import check_resources, init_ray
+
+    scaling = cfg.scaling
+    plan_steps(len(train_items), cfg.optim, scaling.workers)  # fail before starting anything
+    if not eval_items:
+        raise TrainingError("no held-out examples: set data.eval_path or data.eval_fraction > 0")
+    if cfg.resume_from and not (Path(cfg.resume_from) / STATE_FILE).is_file():
+        raise TrainingError(f"resume_from {cfg.resume_from}: not a checkpoint folder (no {STATE_FILE})")
+
+    init_ray(cfg.ray)
+    bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})}
+    check_resources([bundle] * scaling.workers, what=f"{task.name} (scaling.workers={scaling.workers})")
+
+    output_dir = Path(cfg.output_dir).resolve()
+    cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "task": task,
+            "cfg": cfg,
+            "model_path": model_path,
+            "train_items": train_items,
+            "eval_items": eval_items,
+            "pad_id": pad_id,
+            "resume_from": str(Path(cfg.resume_from).resolve()) if cfg.resume_from else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers,
+            use_gpu=scaling.gpus_per_worker > 0,
+            resources_per_worker=bundle,
+        ),
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker > 0 else "gloo"),
+        run_config=RunConfig(name="ray_train", storage_path=str(output_dir)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise TrainingError(f"{task.name} training failed: {result.error}")
+    return output_dir / "final"
