@@ -1,0 +1,99 @@
+"""How one rollout batch is trained on: several PPO epochs, shuffled micro-batches, gradient accumulation.
+
+Each epoch visits every item once in a fresh order (deterministic by seed), cut into micro-batches of
+``micro_batch_size`` (the last may be smaller). ``grad_accum`` consecutive micro-batches of an epoch
+make one optimiser step; a step never spans two epochs. A trainer's loop over :func:`ppo_schedule`:
+
+    for step in ppo_schedule(n, micro_batch_size, epochs=epochs, seed=seed, grad_accum=grad_accum):
+        for mb in step:
+            loss, stats = total_policy_loss(**select(experience, mb.indices), ...)
+            (loss * mb.loss_weight).backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)   # DeepSpeed: `gradient_clipping`
+        optimizer.step(); optimizer.zero_grad()
+
+``loss_weight`` is the micro-batch's share of the step's items, so a short last micro-batch counts for
+what it holds and the step's gradient is that of the mean over the step's sequences.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+def _epoch_orders(n_items: int, epochs: int, seed: int) -> list[list[int]]:
+    """One shuffled permutation of range(n_items) per epoch, reproducible from seed."""
+    if n_items <= 0:
+        raise ValueError(f"n_items must be > 0, got {n_items}")
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    rng = random.Random(seed)  # Python's Random: the same sequence on every platform and version
+    orders = []
+    for _ in range(epochs):
+        order = list(range(n_items))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def _chunks(order: list[int], size: int) -> list[list[int]]:
+    if size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0, got {size}")
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
+def micro_batches(n_items: int, micro_batch_size: int, *, epochs: int, seed: int) -> list[list[int]]:
+    """Index lists of the micro-batches of all epochs, in training order.
+
+    Epoch e contributes ceil(n_items / micro_batch_size) micro-batches covering each index once; the
+    order is shuffled per epoch, deterministically by ``seed``.
+    """
+    return [chunk for order in _epoch_orders(n_items, epochs, seed) for chunk in _chunks(order, micro_batch_size)]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a schedule: which items, from which epoch, and its loss weight."""
+
+    epoch: int
+    indices: list[int]
+    loss_weight: float  # multiply the micro-batch's mean loss by this before backward
+
+
+def ppo_schedule(n_items: int, micro_batch_size: int, *, epochs: int, seed: int,
+                 grad_accum: int = 1) -> list[list[MicroBatch]]:
+    """Optimiser steps, each a list of up to ``grad_accum`` micro-batches (see the module docstring).
+
+    The micro-batches are those of :func:`micro_batches` with the same arguments, in the same order.
+    Within a step, ``loss_weight = len(indices) / items in the step``, so the weights sum to 1.
+    """
+    if grad_accum <= 0:
+        raise ValueError(f"grad_accum must be > 0, got {grad_accum}")
+    steps: list[list[MicroBatch]] = []
+    for epoch, order in enumerate(_epoch_orders(n_items, epochs, seed)):
+        chunks = _chunks(order, micro_batch_size)
+        for start in range(0, len(chunks), grad_accum):
+            group = chunks[start:start + grad_accum]
+            step_items = sum(len(chunk) for chunk in group)
+            steps.append([MicroBatch(epoch, chunk, len(chunk) / step_items) for chunk in group])
+    return steps
+
+
+def select(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The rows ``indices`` of every tensor in ``batch`` (each (batch, ...)); other values pass through."""
+    index = torch.as_tensor(indices, dtype=torch.long)
+    return {
+        key: value.index_select(0, index.to(value.device)) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Average per-micro-batch stats key by key (a key missing from some dicts averages over the rest)."""
+    totals: dict[str, list[float]] = {}
+    for item in stats:
+        for key, value in item.items():
+            totals.setdefault(key, []).append(float(value))
+    return {key: sum(values) / len(values) for key, values in totals.items()}

@@ -1,0 +1,127 @@
+"""Advantage estimators and whitening against hand-worked tiny examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS, compute_advantages, gae, grpo, needs_critic, reinforce_plus_plus, rloo, whiten,
+)
+
+
+def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+def test_registry_lists_the_four_estimators():
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce++"}
+    assert needs_critic("gae") and not needs_critic("grpo") and not needs_critic("reinforce++")
+
+
+def test_unknown_estimator_is_a_clear_error_listing_valid_names():
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; valid: gae, grpo, reinforce\+\+, rloo"):
+        compute_advantages("ppo", scores=torch.zeros(2))
+
+
+def test_gae_hand_computed():
+    # gamma 0.9, lam 0.8 (gamma*lam = 0.72), rewards [0, 0, 1], values [0.5, 0.6, 0.7]
+    # delta2 = 1 + 0.9*0 - 0.7 = 0.3 ; delta1 = 0 + 0.9*0.7 - 0.6 = 0.03 ; delta0 = 0.9*0.6 - 0.5 = 0.04
+    # A2 = 0.3 ; A1 = 0.03 + 0.72*0.3 = 0.246 ; A0 = 0.04 + 0.72*0.246 = 0.21712
+    # returns = A + V = [0.71712, 0.846, 1.0]
+    # row 1 is right-padded (reward 5 and value 99 on padding are ignored):
+    # delta1 = 1 - 0.6 = 0.4 ; delta0 = 0.9*0.6 - 0.5 = 0.04 ; A0 = 0.04 + 0.72*0.4 = 0.328
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.5, 0.6, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    close(advantages, [[0.21712, 0.246, 0.3], [0.328, 0.4, 0.0]])
+    close(returns, [[0.71712, 0.846, 1.0], [0.828, 1.0, 0.0]])
+
+
+def test_gae_skips_padding_in_the_middle():
+    # mask [1, 0, 1] must behave like the two-token row: rewards [0, 1], values [0.5, 0.7]
+    # delta1 = 1 - 0.7 = 0.3 ; delta0 = 0.9*0.7 - 0.5 = 0.13 ; A0 = 0.13 + 0.72*0.3 = 0.346
+    rewards = torch.tensor([[0.0, 42.0, 1.0]])
+    values = torch.tensor([[0.5, -42.0, 0.7]])
+    advantages, returns = gae(rewards, values, torch.tensor([[1, 0, 1]]), gamma=0.9, lam=0.8)
+    close(advantages, [[0.346, 0.0, 0.3]])
+    close(returns, [[0.846, 0.0, 1.0]])
+
+
+def test_grpo_hand_worked_groups():
+    # group 7: scores [1, 2, 6], mean 3, sample var ((-2)^2 + (-1)^2 + 3^2) / 2 = 7, std 2.6457513
+    #          -> [-2, -1, 3] / 2.6457513 = [-0.7559289, -0.3779645, 1.1338934]
+    # group 2: scores [4, 0], mean 2, sample var (2^2 + 2^2) / 1 = 8, std 2.8284271 -> [0.7071068, -0.7071068]
+    scores = torch.tensor([1.0, 4.0, 2.0, 0.0, 6.0])
+    group_ids = torch.tensor([7, 2, 7, 2, 7])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]])
+    advantages, returns = grpo(scores, group_ids, mask)
+    close(advantages, [[-0.7559289, -0.7559289], [0.7071068, 0.0], [-0.3779645, -0.3779645],
+                       [-0.7071068, -0.7071068], [0.0, 1.1338934]])
+    close(returns, [[1.0, 1.0], [4.0, 0.0], [2.0, 2.0], [0.0, 0.0], [0.0, 6.0]])
+
+
+def test_grpo_equal_scores_give_zero_advantage_and_singletons_are_an_error():
+    advantages, _ = grpo(torch.tensor([3.0, 3.0]), torch.tensor([0, 0]), torch.ones(2, 2))
+    close(advantages, [[0.0, 0.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="grpo needs at least 2 samples per group"):
+        grpo(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]), torch.ones(3, 2))
+
+
+def test_rloo_hand_worked_groups():
+    # group 7 [1, 2, 6]: 1 - (2+6)/2 = -3 ; 2 - (1+6)/2 = -1.5 ; 6 - (1+2)/2 = 4.5
+    # group 2 [4, 0]:    4 - 0 = 4 ; 0 - 4 = -4
+    scores = torch.tensor([1.0, 4.0, 2.0, 0.0, 6.0])
+    group_ids = torch.tensor([7, 2, 7, 2, 7])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]])
+    advantages, returns = rloo(scores, group_ids, mask)
+    close(advantages, [[-3.0, -3.0], [4.0, 0.0], [-1.5, -1.5], [-4.0, -4.0], [0.0, 4.5]])
+    close(returns, [[1.0, 1.0], [4.0, 0.0], [2.0, 2.0], [0.0, 0.0], [0.0, 6.0]])
+
+
+def test_rloo_groups_of_one_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"rloo needs at least 2 samples per group.*sampling.n >= 2"):
+        rloo(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), torch.ones(2, 3))
+
+
+def test_reinforce_plus_plus_return_to_go_then_whitened():
+    # gamma 0.5. row 0 rewards [0, 0, 1] -> G = [0.25, 0.5, 1] ; row 1 [0, 2, pad 9] -> G = [1, 2, 0]
+    # valid G: 0.25, 0.5, 1, 1, 2 ; mean 4.75/5 = 0.95
+    # deviations -0.7, -0.45, 0.05, 0.05, 1.05 ; squares sum 0.49+0.2025+0.0025+0.0025+1.1025 = 1.8
+    # sample var 1.8/4 = 0.45, std 0.6708204 -> deviations / std
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = reinforce_plus_plus(rewards, mask, gamma=0.5)
+    close(returns, [[0.25, 0.5, 1.0], [1.0, 2.0, 0.0]])
+    close(advantages, [[-1.0434984, -0.6708204, 0.0745356], [0.0745356, 1.5652476, 0.0]])
+
+
+def test_whiten_uses_only_valid_positions():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # mean (1+2+3)/3 = 2, sample var (1 + 0 + 1)/2 = 1 -> [-1, 0, 1], padding 0
+    close(whiten(values, mask), [[-1.0, 0.0, 1.0, 0.0]])
+    close(whiten(values, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]])
+    close(whiten(torch.tensor([[5.0, 7.0]]), torch.tensor([[1, 0]])), [[0.0, 0.0]])  # one valid value
+    with pytest.raises(ValueError, match="no valid position"):
+        whiten(values, torch.zeros(1, 4))
+
+
+def test_compute_advantages_takes_the_inputs_each_estimator_needs():
+    inputs = dict(
+        token_rewards=torch.tensor([[0.0, 0.0, 1.0]] * 2), values=torch.tensor([[0.5, 0.6, 0.7]] * 2),
+        scores=torch.tensor([1.0, 3.0]), group_ids=torch.tensor([0, 0]),
+        action_mask=torch.ones(2, 3), gamma=0.9, lam=0.8,
+    )
+    advantages, _ = compute_advantages("gae", **inputs)
+    close(advantages[0], [0.21712, 0.246, 0.3])
+    advantages, _ = compute_advantages("rloo", **inputs)
+    close(advantages[:, 0], [-2.0, 2.0])  # 1 - 3, 3 - 1
+    for name in ADVANTAGE_ESTIMATORS:
+        compute_advantages(name, **inputs)
+    with pytest.raises(TypeError, match=r"unknown advantage inputs \['gama'\]"):
+        compute_advantages("gae", **inputs, gama=0.9)
+    with pytest.raises(TypeError, match="'gae' needs values"):
+        compute_advantages("gae", token_rewards=inputs["token_rewards"], action_mask=inputs["action_mask"],
+                           gamma=1.0, lam=1.0)

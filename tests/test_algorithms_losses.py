@@ -1,0 +1,204 @@
+"""PPO losses and the training schedule against hand-computed values; masking and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.algorithms.batching import mean_stats, micro_batches, ppo_schedule, select
+from rlhf.algorithms.losses import (
+    entropy_from_logits, kl_loss, masked_mean, policy_loss, ptx_loss, total_policy_loss, value_loss,
+)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+def test_masked_mean_ignores_padding_whatever_it_holds():
+    values = torch.tensor([[1.0, 2.0, INF], [4.0, NAN, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    close(masked_mean(values, mask), 3.25)  # (1 + 2 + 4 + 6) / 4
+    close(masked_mean(values, mask, dim=-1), [1.5, 5.0])  # (1+2)/2, (4+6)/2
+    close(masked_mean(values, mask, dim=0), [2.5, 2.0, 6.0])
+    close(masked_mean(values, torch.zeros(2, 3), dim=-1), [0.0, 0.0])
+
+
+# Four response tokens and one padding token. old_logprobs 0, so ratio = exp(logprobs):
+#   ratio 1.5, A  1: max(-1.5, -1.2) = -1.2  clipped (no gradient)
+#   ratio 0.5, A  1: max(-0.5, -0.8) = -0.5
+#   ratio 1.1, A -1: max( 1.1,  1.1) =  1.1
+#   ratio 0.7, A -2: max( 1.4,  1.6) =  1.6  clipped (no gradient)
+# loss = (-1.2 - 0.5 + 1.1 + 1.6) / 4 = 0.25 ; clipfrac 2/4 ; ratio_mean 3.8/4 = 0.95
+# approx_kl = mean(r - 1 - ln r) = (0.0945349 + 0.1931472 + 0.0046898 + 0.0566749) / 4 = 0.0872617
+RATIOS = [1.5, 0.5, 1.1, 0.7]
+ADV = torch.tensor([[1.0, 1.0, -1.0, -2.0, NAN]])
+OLD = torch.tensor([[0.0, 0.0, 0.0, 0.0, -INF]])
+MASK = torch.tensor([[1, 1, 1, 1, 0]])
+
+
+def _logprobs() -> torch.Tensor:
+    return torch.tensor([[*map(math.log, RATIOS), 50.0]], requires_grad=True)
+
+
+def test_policy_loss_hand_computed():
+    loss, stats = policy_loss(_logprobs(), OLD, ADV, MASK, clip_ratio=0.2)
+    close(loss, 0.25)
+    assert stats["clipfrac"] == pytest.approx(0.5)
+    assert stats["ratio_mean"] == pytest.approx(0.95)
+    assert stats["approx_kl"] == pytest.approx(0.0872617, abs=1e-6)
+
+
+def test_policy_loss_gradient_is_zero_for_clipped_and_padding_tokens():
+    logprobs = _logprobs()
+    loss, _ = policy_loss(logprobs, OLD, ADV, MASK, clip_ratio=0.2)
+    loss.backward()
+    # unclipped d/dlogp of -A * exp(logp) / 4 = -A * ratio / 4: token 1: -0.5/4, token 2: 1.1/4
+    close(logprobs.grad, [[0.0, -0.125, 0.275, 0.0, 0.0]])
+
+
+def test_dual_clip_bounds_negative_advantage_losses():
+    # ratio 3, A -1: max(3, 1.2) = 3 -> dual bound -2 * -1 = 2 -> 2 (no gradient)
+    # ratio 3, A  1: max(-3, -1.2) = -1.2 (positive advantage: dual clip does not apply)
+    # ratio 1.5, A -1: max(1.5, 1.2) = 1.5 < 2 -> 1.5
+    logprobs = torch.tensor([[math.log(3.0), math.log(3.0), math.log(1.5)]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 3), torch.tensor([[-1.0, 1.0, -1.0]]), torch.ones(1, 3)
+    plain, _ = policy_loss(logprobs, old, adv, mask, clip_ratio=0.2)
+    close(plain, (3.0 - 1.2 + 1.5) / 3)
+    dual, stats = policy_loss(logprobs, old, adv, mask, clip_ratio=0.2, dual_clip=2.0)
+    close(dual, (2.0 - 1.2 + 1.5) / 3)
+    assert stats["dual_clipfrac"] == pytest.approx(1 / 3)
+    dual.backward()
+    close(logprobs.grad, [[0.0, 0.0, 0.5]])  # token 2: -A * ratio / 3 = 1.5 / 3
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        policy_loss(logprobs, old, adv, mask, clip_ratio=0.2, dual_clip=1.0)
+
+
+def test_value_loss_hand_computed_and_clipped_gradient():
+    # clip 0.2. token 0: v 1.0, old 0.5 -> clipped 0.7; (1-1.5)^2 = 0.25, (0.7-1.5)^2 = 0.64 -> 0.64 (clipped)
+    #           token 1: v 2.0, old 1.0 -> clipped 1.2; (2-1.5)^2 = 0.25, (1.2-1.5)^2 = 0.09 -> 0.25
+    #           token 2: v 0.0, old 0.0 -> 0.0;        (0-1)^2 = 1 both                       -> 1
+    # loss = 0.5 * (0.64 + 0.25 + 1) / 3 = 0.315 ; token 3 is padding
+    values = torch.tensor([[1.0, 2.0, 0.0, NAN]], requires_grad=True)
+    old = torch.tensor([[0.5, 1.0, 0.0, INF]])
+    returns = torch.tensor([[1.5, 1.5, 1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = value_loss(values, old, returns, mask, value_clip=0.2)
+    close(loss, 0.315)
+    assert stats["clipfrac"] == pytest.approx(1 / 3) and stats["values_mean"] == pytest.approx(1.0)
+    loss.backward()
+    # d/dv 0.5 * (v - R)^2 / 3 = (v - R) / 3: token 1: 0.5/3, token 2: -1/3; clipped token 0 and padding: 0
+    close(values.grad, [[0.0, 0.5 / 3, -1 / 3, 0.0]])
+
+
+def test_entropy_from_logits_hand_computed():
+    # [0, ln 3]: p = [0.25, 0.75], H = 0.25 ln 4 + 0.75 ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351
+    # [0, 0]: H = ln 2 = 0.6931472 ; [100, 0]: H ~ 0
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [100.0, 0.0]]], requires_grad=True)
+    entropy = entropy_from_logits(logits)
+    close(entropy, [[0.5623351, 0.6931472, 0.0]], atol=1e-5)
+    entropy.sum().backward()
+    assert logits.grad[0, 0].abs().sum() > 0  # the entropy bonus reaches the logits
+    assert entropy_from_logits(logits.detach().bfloat16()).dtype == torch.float32
+
+
+def test_ptx_loss_is_mean_next_token_cross_entropy_ignoring_minus_100():
+    # position 0 predicts labels[1] = 1 with logits [0, 0]: -ln 0.5 = 0.6931472
+    # position 1 predicts labels[2] = 0 with logits [0, ln 3]: -ln 0.25 = 1.3862944 ; mean 1.0397208
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3.0)], [5.0, -5.0]]])
+    close(ptx_loss(logits, torch.tensor([[-100, 1, 0]])), 1.0397208)
+    close(ptx_loss(logits, torch.full((1, 3), -100)), 0.0)
+
+
+def test_kl_loss_masks_padding_and_only_moves_the_policy():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -INF]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    # k3: (0.1065307 + 0.7182818) / 2 = 0.4124062 ; k2: (0.125 + 0.5) / 2 = 0.3125
+    close(kl_loss(logprobs, ref, mask, "k2"), 0.3125)
+    loss = kl_loss(logprobs, ref, mask, "k3")
+    close(loss, 0.4124062)
+    loss.backward()
+    # d k3 / d logp = 1 - exp(-log_ratio), halved by the mean: (1 - e^-0.5)/2, (1 - e^1)/2
+    close(logprobs.grad, [[(1 - math.exp(-0.5)) / 2, (1 - math.e) / 2, 0.0]])
+    assert ref.grad is None
+
+
+def test_total_policy_loss_assembles_the_pieces():
+    logprobs = _logprobs()
+    ref = logprobs.detach() - 1.0  # log_ratio 1 everywhere -> k2 = 0.5
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0, 99.0]])  # masked mean 2.5
+    loss, stats = total_policy_loss(
+        logprobs=logprobs, old_logprobs=OLD, advantages=ADV, action_mask=MASK, clip_ratio=0.2,
+        kl_in_loss=True, ref_logprobs=ref, kl_coef=0.1, kl_estimator="k2",
+        entropy=entropy, entropy_coef=0.01, ptx=torch.tensor(2.0), ptx_coef=0.5,
+    )
+    # 0.25 (pg) + 0.1 * 0.5 (kl) - 0.01 * 2.5 (entropy) + 0.5 * 2.0 (ptx) = 1.275
+    close(loss, 1.275)
+    assert stats["loss/policy"] == pytest.approx(0.25) and stats["loss/kl"] == pytest.approx(0.5)
+    assert stats["policy/entropy"] == pytest.approx(2.5) and stats["loss/ptx"] == pytest.approx(2.0)
+    assert stats["loss/policy_total"] == pytest.approx(1.275) and stats["policy/clipfrac"] == pytest.approx(0.5)
+    plain, plain_stats = total_policy_loss(logprobs=logprobs, old_logprobs=OLD, advantages=ADV,
+                                           action_mask=MASK, clip_ratio=0.2)
+    close(plain, 0.25)
+    assert "loss/kl" not in plain_stats and "loss/ptx" not in plain_stats
+    with pytest.raises(ValueError, match="needs entropy"):
+        total_policy_loss(logprobs=logprobs, old_logprobs=OLD, advantages=ADV, action_mask=MASK,
+                          clip_ratio=0.2, entropy_coef=0.01)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        total_policy_loss(logprobs=logprobs, old_logprobs=OLD, advantages=ADV, action_mask=MASK,
+                          clip_ratio=0.2, kl_in_loss=True)
+
+
+def test_micro_batches_cover_every_item_once_per_epoch_deterministically():
+    batches = micro_batches(5, 2, epochs=2, seed=0)
+    assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1]
+    assert sorted(sum(batches[:3], [])) == sorted(sum(batches[3:], [])) == [0, 1, 2, 3, 4]
+    assert batches == micro_batches(5, 2, epochs=2, seed=0)
+    assert any(micro_batches(8, 8, epochs=1, seed=s) != micro_batches(8, 8, epochs=1, seed=0) for s in (1, 2, 3))
+
+
+def test_ppo_schedule_groups_micro_batches_into_weighted_steps():
+    steps = ppo_schedule(5, 2, epochs=2, seed=0, grad_accum=2)
+    # per epoch: micro-batches of 2, 2, 1 -> steps [2, 2] (weights 2/4, 2/4) and [1] (weight 1)
+    assert [[len(mb.indices) for mb in step] for step in steps] == [[2, 2], [1], [2, 2], [1]]
+    assert [[mb.loss_weight for mb in step] for step in steps] == [[0.5, 0.5], [1.0], [0.5, 0.5], [1.0]]
+    assert [mb.epoch for step in steps for mb in step] == [0, 0, 0, 1, 1, 1]
+    assert [mb.indices for step in steps for mb in step] == micro_batches(5, 2, epochs=2, seed=0)
+
+
+def test_select_and_mean_stats():
+    batch = {"x": torch.tensor([[0, 1], [2, 3], [4, 5]]), "name": "rollout"}
+    picked = select(batch, [2, 0])
+    assert picked["x"].tolist() == [[4, 5], [0, 1]] and picked["name"] == "rollout"
+    assert mean_stats([{"a": 1.0, "b": 2.0}, {"a": 3.0}]) == {"a": 2.0, "b": 2.0}
+
+
+def test_one_ppo_step_end_to_end_on_tiny_tensors():
+    """kl -> rewards -> GAE -> whitening -> total loss -> gradient, with padding that never matters."""
+    from rlhf.algorithms.advantages import compute_advantages, whiten
+    from rlhf.algorithms.kl import kl_estimate
+    from rlhf.algorithms.rewards import shape_rewards
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    old = torch.randn(2, 4).clamp(max=-0.1)
+    ref = old - 0.1
+    values = torch.randn(2, 4)
+    kl = kl_estimate(old, ref, "k1", mask)
+    rewards = shape_rewards(torch.tensor([1.0, -1.0]), kl, mask, kl_coef=0.05)
+    advantages, returns = compute_advantages("gae", token_rewards=rewards, values=values, action_mask=mask,
+                                             gamma=1.0, lam=0.95)
+    advantages = whiten(advantages, mask)
+    logprobs = old.clone().requires_grad_()
+    loss, stats = total_policy_loss(logprobs=logprobs, old_logprobs=old, advantages=advantages,
+                                    action_mask=mask, clip_ratio=0.2)
+    loss.backward()
+    assert stats["policy/ratio_mean"] == pytest.approx(1.0) and stats["policy/clipfrac"] == 0.0
+    assert (logprobs.grad[mask == 0] == 0).all() and (logprobs.grad[mask == 1] != 0).all()
+    assert (returns[mask == 0] == 0).all()
+
