@@ -1,5 +1,7 @@
 """The Ray runtime: a local embedded Ray on loopback by default, or an existing cluster.
 
+(The loopback default is set in rlhf/__init__.py, because Ray reads it when it is imported.)
+
 Ray waits forever for resources it cannot get, so placement groups are created only after a check
 that fails fast, naming what is missing, and are awaited with a timeout.
 """
@@ -10,12 +12,6 @@ import os
 from collections import defaultdict
 
 from rlhf.config import RayConfig
-
-# Keep a local Ray on loopback and quiet: no usage stats, no dashboard, no network address.
-LOCAL_RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
 
 
 class ResourceError(RuntimeError):
@@ -29,10 +25,12 @@ def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        # rlhf/__init__.py pinned node-IP detection to loopback for local runs; a cluster needs the real one.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = True
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     ray.init(

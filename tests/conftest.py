@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Set before anything imports transformers, Ray or DeepSpeed.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A cache that survives between runs of one checkout (the default model is converted once).

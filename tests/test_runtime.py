@@ -1,0 +1,52 @@
+"""The Ray runtime: a local Ray stays on loopback; resource checks fail fast, naming what is missing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.runtime import ResourceError, check_resources, create_placement_group, init_ray
+from rlhf.config import RayConfig
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+def test_local_ray_is_on_loopback(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def where():
+        return ray.util.get_node_ip_address()
+
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    assert ray.get(where.remote()) == "127.0.0.1"
+
+
+def test_fractional_bundles_fit(ray_local):
+    from ray.util.placement_group import remove_placement_group
+
+    group = create_placement_group([{"CPU": 0.5}] * 4, strategy="PACK", timeout_s=30, what="four actors")
+    assert group.bundle_count == 4
+    remove_placement_group(group)
+
+
+def test_missing_gpu_is_named_at_once(ray_local):
+    started = time.perf_counter()
+    with pytest.raises(ResourceError, match=r"policy needs .*GPU 2.*missing GPU 2"):
+        create_placement_group([{"CPU": 1, "GPU": 1}] * 2, what="policy")
+    assert time.perf_counter() - started < 5  # a check, not a wait
+
+
+def test_too_many_cpus(ray_local):
+    with pytest.raises(ResourceError, match=r"two engines needs CPU 3 in 2 bundles.*has CPU 2: missing CPU 1"):
+        check_resources([{"CPU": 1.5}, {"CPU": 1.5}], what="two engines")
