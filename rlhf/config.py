@@ -122,7 +122,6 @@ class ScalingConfig(Section):
 class DeepSpeedConfig(Section):
     """Maps onto a DeepSpeed config. ``extra`` is merged in verbatim for anything not named here."""
 
-    enabled: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU (GPU clusters)")
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -245,18 +244,37 @@ class JudgeConfig(Section):
         return self
 
 
+class RolloutConfig(Section):
+    """Generation engines."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    engines: int = Field(1, gt=0)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    enforce_eager: bool = True
+    kv_cache_gib: float = Field(1.0, gt=0)
+
+
 class PairsConfig(StageConfig):
     """`rlhf pairs`: sample K responses per prompt, score them with a judge, write chosen/rejected."""
 
     output_dir: str = "runs/pairs"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=2, temperature=1.0))
+    rollout: RolloutConfig = Field(
+        default_factory=lambda: RolloutConfig(sampling=SamplingConfig(n=4, temperature=1.0, max_new_tokens=64)),
+        description="generation engines; rollout.sampling.n is K, the responses sampled per prompt",
+    )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    backend: Literal["vllm", "hf"] = "vllm"
     min_score_gap: float = Field(
         0.0, ge=0, description="drop pairs whose judge scores differ by no more than this (counted)"
     )
+
+    @model_validator(mode="after")
+    def _needs_two_samples(self) -> PairsConfig:
+        if self.rollout.sampling.n < 2:
+            raise ValueError("rollout.sampling.n must be at least 2 to make a pair")
+        return self
 
 
 class RewardConfig(Section):
@@ -304,21 +322,11 @@ class PPOAlgoConfig(Section):
     whiten_advantages: bool = True
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     rollout_batch_size: int = Field(16, gt=0, description="prompts per iteration")
-    micro_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward on one rank")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
     policy_learning_rate: float = Field(1e-6, gt=0)
     critic_learning_rate: float = Field(5e-6, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-
-
-class RolloutConfig(Section):
-    """Generation engines."""
-
-    backend: Literal["vllm", "hf"] = "vllm"
-    engines: int = Field(1, gt=0)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"
-    enforce_eager: bool = True
-    kv_cache_gib: float = Field(1.0, gt=0)
 
 
 class PlacementConfig(Section):

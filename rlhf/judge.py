@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from rlhf.config import JudgeConfig, ModelConfig, RewardConfig
 
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
@@ -71,3 +76,79 @@ def load_function(spec: str) -> ScoreFn:
     if not callable(function):
         raise ValueError(f"{path} has no function named {name!r}")
     return function
+
+
+class HTTPJudge:
+    """A remote reward endpoint: POST ``{"prompts": [...], "responses": [...]}`` -> ``{"scores": [...]}``."""
+
+    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
+        self.url, self.timeout_s = url, timeout_s
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        body = json.dumps({"prompts": prompts, "responses": responses}).encode()
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                scores = json.loads(reply.read())["scores"]
+        except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as exc:
+            raise RuntimeError(f"reward endpoint {self.url}: {exc!r}") from None
+        if len(scores) != len(prompts):
+            raise RuntimeError(f"reward endpoint {self.url} returned {len(scores)} scores for {len(prompts)} responses")
+        return [float(s) for s in scores]
+
+
+def make_judge(cfg: JudgeConfig, *, dtype: str = "float32") -> ScoreFn:
+    """The scorer a JudgeConfig names, as ``(prompts, responses) -> scores``."""
+    if cfg.kind == "default":
+        return DefaultJudge()
+    if cfg.kind == "function":
+        return load_function(cfg.function)
+    return RewardModelJudge(ModelConfig(path=cfg.path, dtype=dtype, device="auto"))
+
+
+class RewardModelJudge:
+    """Scores with a trained reward model (a scalar-head folder): the prompt rendered as in training,
+    then the response and EOS. ``mean``/``std`` are the model's stored train-set statistics, if any."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int = 16) -> None:
+        from rlhf.models import load_scalar_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        self.model = load_scalar_model(cfg).eval()
+        self.batch_size = batch_size
+        stats_file = Path(self.model.name_or_path) / "reward_stats.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        self.mean, self.std = stats.get("mean"), stats.get("std")
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import torch
+
+        from rlhf.data.tokenize import pad_batch, render_prompt
+        from rlhf.models import sequence_scores
+
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            sequences = []
+            for prompt, response in zip(prompts[start:start + self.batch_size], responses[start:start + self.batch_size]):
+                text = render_prompt(self.tokenizer, [{"role": "user", "content": prompt}])
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                sequences.append(ids)
+            input_ids, mask = pad_batch(sequences, self.tokenizer.pad_token_id)
+            with torch.no_grad():
+                scores += sequence_scores(self.model, input_ids.to(device), mask.to(device)).float().tolist()
+        return scores
+
+
+
+
+def make_reward_fn(cfg: RewardConfig, *, dtype: str = "float32") -> ScoreFn:
+    """PPO's reward: a reward model, a Python function, an HTTP endpoint, or (none given) the default judge."""
+    if cfg.path:
+        return RewardModelJudge(ModelConfig(path=cfg.path, dtype=dtype, device="auto"))
+    if cfg.function:
+        return load_function(cfg.function)
+    if cfg.url:
+        return HTTPJudge(cfg.url)
+    return DefaultJudge()

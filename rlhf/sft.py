@@ -8,26 +8,15 @@ from pathlib import Path
 
 import torch
 
+from rlhf.algorithms.losses import ptx_loss
 from rlhf.config import ModelConfig, SFTConfig, save_config
+from rlhf.data.tokenize import IGNORE_INDEX
 
 log = logging.getLogger("rlhf.sft")
 
-IGNORE_INDEX = -100
-
-
-def response_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over positions whose label is not -100.
-
-    logits (batch, seq, vocab), labels (batch, seq) -> (scalar loss, number of labelled tokens).
-    """
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
-    count = int((shifted_labels != IGNORE_INDEX).sum())
-    loss = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss / max(count, 1), count
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """Positions that carry loss: labels (batch, seq), shifted as in next-token prediction."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class SFTTask:
@@ -48,13 +37,13 @@ class SFTTask:
 
     def loss(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = response_token_loss(logits, batch["labels"])
+        loss = ptx_loss(logits, batch["labels"])  # the LM loss on labelled (response) tokens
         return loss, {"loss": loss.item()}
 
     def eval_sums(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, count = response_token_loss(logits, batch["labels"])
-        return {"loss_sum": loss.item() * count, "tokens": count}
+        count = labelled_tokens(batch["labels"])
+        return {"loss_sum": ptx_loss(logits, batch["labels"]).item() * count, "tokens": count}
 
     def eval_metrics(self, sums):
         loss = sums["loss_sum"] / max(sums["tokens"], 1)

@@ -420,3 +420,8 @@ def to_prompt_examples(records: list[Record], *, skip_invalid: bool = False,
     if records and not examples:
         raise _nothing_left(records, report)
     return examples, report
+
+
+def last_user_text(messages: Messages) -> str:
+    """The last user turn of a conversation: what judges and reward functions read as the prompt."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
