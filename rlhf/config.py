@@ -387,9 +387,11 @@ class EvalConfig(StageConfig):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
+    backend: Literal["vllm", "hf"] = "vllm"
     max_prompts: int = Field(64, gt=0)
     kl_threshold: float = Field(10.0, gt=0, description="flag reward hacking above this KL")
+    ppo_metrics: str | None = Field(None, description="a PPO run's metrics.jsonl, for reward/KL curves")
 
 
 class BenchConfig(StageConfig):

@@ -1,0 +1,145 @@
+"""DeepSpeed learner groups: N Ray actors wired as the ranks of one torch.distributed job.
+
+``LearnerGroup`` (controller side) starts the actors on placement-group bundles, asks rank 0 for an
+address and a free port, and hands every rank ``RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT`` before
+DeepSpeed initialises (without them DeepSpeed tries MPI discovery and fails). ``Learner`` is the
+base of the policy and critic actors: it owns the DeepSpeed engine and the code both roles share.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Learner:
+    """One DeepSpeed rank. Subclasses build the model in ``setup`` and define ``train``."""
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the other ranks (called on rank 0 only)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                         threads: int | None = None) -> None:
+        os.environ.update({
+            "RANK": str(rank), "LOCAL_RANK": "0" if not torch.cuda.is_available() else os.environ.get("LOCAL_RANK", "0"),
+            "WORLD_SIZE": str(world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+        })
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Phases of a PPO step mostly run one after another, so each learner may use every core.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _initialize(self, model: torch.nn.Module, *, learning_rate: float, ds: DeepSpeedConfig,
+                    algo: PPOAlgoConfig, bf16: bool) -> None:
+        """DeepSpeed engine with an AdamW of ``learning_rate``; batch shape and clipping from ``algo``."""
+        import deepspeed
+
+        micro_batch_size, grad_accum = algo.micro_batch_size, algo.grad_accum
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        zero: dict[str, Any] = {"stage": ds.zero_stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch_size * grad_accum * self.world_size,
+            "gradient_clipping": algo.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+            **ds.extra,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.zero_stage = ds.zero_stage
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0, None elsewhere; every rank must call it (ZeRO-3 gathers)."""
+        if self.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank != 0 or state is None:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def save_pretrained(self, folder: str) -> str | None:
+        """Write a Hugging Face folder of the current weights (rank 0), via a staging name."""
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        module = self.engine.module
+        out = Path(folder)
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        module.save_pretrained(staging, state_dict=state)
+        self.tokenizer.save_pretrained(staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+        return str(out)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class LearnerGroup:
+    """N actors of one ``Learner`` class, wired as DeepSpeed ranks (controller side)."""
+
+    def __init__(self, actor_class, world_size: int, *, placement_group, bundle_indices: list[int],
+                 num_cpus: float, num_gpus: float = 0.0, name: str = "learner", threads: int | None = None):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote_class = ray.remote(actor_class)
+        self.name = name
+        self.actors = [
+            remote_class.options(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, bundle_indices[rank]),
+                name=None,
+            ).remote()
+            for rank in range(world_size)
+        ]
+        master_addr, master_port = ray.get(self.actors[0].address.remote())
+        ray.get([
+            actor.init_distributed.remote(rank, world_size, master_addr, master_port, threads)
+            for rank, actor in enumerate(self.actors)
+        ])
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """Call ``method`` on every rank with the same arguments; returns object refs."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def call_sharded(self, method: str, shards: list, *args, **kwargs) -> list:
+        """Call ``method`` with shard ``i`` on rank ``i``; returns object refs."""
+        return [getattr(actor, method).remote(shard, *args, **kwargs) for actor, shard in zip(self.actors, shards)]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,27 @@
+"""The reference: a frozen copy of the initial policy, for the KL penalty."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf.config import ModelConfig
+
+
+class ReferenceModel:
+    def __init__(self, model_cfg: ModelConfig, path: str, threads: int | None = None) -> None:
+        from rlhf.models import load_causal_lm
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.model = load_causal_lm(model_cfg, path=path).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """(batch, seq - 1) logprobs of each next token, at the policy's sampling temperature."""
+        from rlhf.algorithms import causal_lm_logprobs
+
+        device = next(self.model.parameters()).device
+        return causal_lm_logprobs(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                  temperature).float().cpu()

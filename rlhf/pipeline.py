@@ -1,0 +1,142 @@
+"""`rlhf run`: the whole pipeline on one config, each stage writing under ``<output_dir>/<stage>``:
+
+    sft    run.model + prompt/response data          -> sft/final
+    pairs  sft/final samples K replies, judge ranks   -> pairs/pairs.jsonl
+    rm     sft/final backbone on those pairs          -> rm/final
+    ppo    sft/final policy, rm/final reward + critic -> ppo/final
+    eval   ppo/final versus sft/final                 -> eval/eval.json, eval.md, eval.png
+                                                         (eval.json also copied to <output_dir>)
+
+A stage whose output exists and whose resolved config is unchanged is skipped, so a rerun picks up
+where an interrupted one stopped. ``--quick`` runs the same pipeline on the tiny model in minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from rlhf.config import RunConfig, dump_config, save_config
+
+log = logging.getLogger("rlhf.pipeline")
+
+# `rlhf run --quick`: the tiny model and small settings; applied before the user's overrides.
+QUICK_OVERRIDES = [
+    "model.path=tiny",
+    "output_dir=runs/quick",
+    "sft.data.max_records=128", "sft.optim.epochs=1", "sft.optim.learning_rate=1e-3", "sft.optim.batch_size=8",
+    "sft.scaling.workers=1", "sft.scaling.cpus_per_worker=1", "sft.sample_prompts=[]",
+    "pairs.data.max_records=64", "pairs.rollout.sampling.max_new_tokens=24",
+    "rm.optim.learning_rate=1e-3", "rm.optim.batch_size=8", "rm.scaling.workers=1",
+    "ppo.steps=4", "ppo.rollout.sampling.max_new_tokens=24", "ppo.ppo.rollout_batch_size=8",
+    "ppo.ppo.policy_learning_rate=1e-4", "ppo.ppo.critic_learning_rate=1e-4",
+    "eval.max_prompts=16", "eval.sampling.max_new_tokens=24",
+]
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and all its descendants (the local Ray's workers
+    included) once a second; ``peak_gib`` is the largest sum seen."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s, self.peak_bytes = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval_s)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stage_configs(cfg: RunConfig) -> dict:
+    """Each stage's config with the wiring filled in: paths between stages, seed, Ray."""
+    out = Path(cfg.output_dir)
+    common = {"seed": cfg.seed, "ray": cfg.ray}
+    sft_final, rm_final = str(out / "sft" / "final"), str(out / "rm" / "final")
+    model = cfg.model
+    return {
+        "sft": cfg.sft.model_copy(update={**common, "output_dir": str(out / "sft"), "model": model}),
+        "pairs": cfg.pairs.model_copy(update={
+            **common, "output_dir": str(out / "pairs"), "model": model.model_copy(update={"path": sft_final}),
+        }),
+        "rm": cfg.rm.model_copy(update={
+            **common, "output_dir": str(out / "rm"), "model": cfg.rm.model.model_copy(update={"path": sft_final}),
+            "data": cfg.rm.data.model_copy(update={"train_path": str(out / "pairs" / "pairs.jsonl")}),
+        }),
+        "ppo": cfg.ppo.model_copy(update={
+            **common, "output_dir": str(out / "ppo"), "model": model.model_copy(update={"path": sft_final}),
+            "reward": cfg.ppo.reward.model_copy(update={"path": rm_final, "function": None, "url": None}),
+        }),
+        "eval": cfg.eval.model_copy(update={
+            **common, "output_dir": str(out / "eval"),
+            "policy": model.model_copy(update={"path": str(out / "ppo" / "final")}),
+            "reference": model.model_copy(update={"path": sft_final}),
+            "reward": cfg.eval.reward.model_copy(update={"path": rm_final, "function": None, "url": None}),
+            "ppo_metrics": str(out / "ppo" / "metrics.jsonl"),
+        }),
+    }
+
+
+def _done(stage: str, cfg) -> bool:
+    out = Path(cfg.output_dir)
+    product = {"pairs": out / "pairs.jsonl", "eval": out / "eval.json"}.get(stage, out / "final")
+    saved = out / "config.yaml"
+    return product.exists() and saved.is_file() and saved.read_text() == dump_config(cfg)
+
+
+def run(cfg: RunConfig) -> Path:
+    import importlib
+    import json
+    import shutil
+
+    out = Path(cfg.output_dir)
+    save_config(cfg, out)
+    configs = stage_configs(cfg)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        for stage, stage_cfg in configs.items():
+            if _done(stage, stage_cfg):
+                log.info("%s: up to date in %s, skipping", stage, stage_cfg.output_dir)
+                continue
+            log.info("%s: starting (output in %s)", stage, stage_cfg.output_dir)
+            stage_started = time.perf_counter()
+            importlib.import_module(f"rlhf.{stage}").run(stage_cfg)
+            log.info("%s: done in %.0f s", stage, time.perf_counter() - stage_started)
+    summary = {"wall_s": round(time.perf_counter() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.copyfile(out / "eval" / "eval.json", out / "eval.json")  # where scripts look for the outcome
+    result = json.loads((out / "eval.json").read_text())
+    print(f"\nPipeline finished in {summary['wall_s']:.0f} s, peak memory {summary['peak_memory_gib']:.2f} GiB.")
+    print(f"  SFT model      {out / 'sft' / 'final'}")
+    print(f"  pairs          {out / 'pairs' / 'pairs.jsonl'}")
+    print(f"  reward model   {out / 'rm' / 'final'}")
+    print(f"  aligned policy {out / 'ppo' / 'final'}  (metrics: {out / 'ppo' / 'metrics.jsonl'})")
+    print(f"  evaluation     {out / 'eval' / 'eval.md'}, {out / 'eval.json'}, {out / 'eval' / 'eval.png'}")
+    b, a = result["before"], result["after"]
+    print(f"\n  judge  {b['judge']:.3f} -> {a['judge']:.3f}   reward {b['reward']:.3f} -> {a['reward']:.3f}   "
+          f"KL {b['kl']:.3f} -> {a['kl']:.3f}   win rate {result['policy_vs_reference']['win_rate']:.1%}")
+    return out

@@ -1,0 +1,377 @@
+"""`rlhf ppo`: PPO with a KL penalty against a reference model, on Ray actors.
+
+Who holds what:
+
+    RolloutGroup  (actors/rollout.py)    vLLM engines (or HF generate) that sample responses
+    PolicyLearner (actors/policy.py)     DeepSpeed ranks training the policy (the PPO loss)
+    CriticLearner (actors/critic.py)     DeepSpeed ranks training the value model (GAE only)
+    ReferenceModel (actors/reference.py) the frozen initial policy, for the KL penalty
+    RewardScorer  (actors/reward.py)     a reward model, a Python function, an HTTP endpoint or the judge
+
+One iteration is ``PPOTrainer.step``: generate -> reference logprobs, values and rewards in parallel
+-> KL and advantages (pure torch, rlhf/algorithms) -> train critic and policy -> sync weights to the
+engines -> log. The math lives in rlhf/algorithms; this file only moves tensors between actors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.algorithms import (
+    compute_advantages, kl_estimate, make_kl_controller, masked_mean, needs_critic, process_scores, shape_rewards, whiten,
+)
+from rlhf.config import ConfigError, PPOConfig, save_config
+from rlhf.data.formats import last_user_text
+
+log = logging.getLogger("rlhf.ppo")
+
+STATE_FILE = "controller_state.json"
+
+
+def check_config(cfg: PPOConfig) -> None:
+    """What the typed config cannot check alone; fails before any actor starts."""
+    algo = cfg.ppo
+    samples = algo.rollout_batch_size * cfg.rollout.sampling.n
+    for role, world in (("policy", cfg.policy_workers), ("critic", cfg.critic_workers)):
+        per_step = algo.micro_batch_size * algo.grad_accum * world
+        if samples % per_step:
+            raise ConfigError(
+                f"ppo.rollout_batch_size x rollout.sampling.n = {samples} samples must be a multiple of "
+                f"ppo.micro_batch_size x ppo.grad_accum x {role}_workers = {per_step}"
+            )
+    if algo.advantage in ("grpo", "rloo") and cfg.rollout.sampling.n < 2:
+        raise ConfigError(f"ppo.advantage {algo.advantage} compares samples of one prompt: set rollout.sampling.n >= 2")
+    if cfg.model.lora is not None:
+        raise ConfigError("model.lora: LoRA in the PPO stage is not supported yet (SFT and RM support it)")
+    if algo.ptx_coef > 0:
+        raise ConfigError("ppo.ptx_coef: the PTX loss is not wired into the PPO stage yet; set it to 0")
+
+
+def batch_indices(iteration: int, n_items: int, batch_size: int, seed: int) -> list[int]:
+    """The prompts of iteration ``iteration``: consecutive slices of a per-epoch permutation, so the
+    order depends only on (seed, iteration) and a resumed run sees the same next batch."""
+    per_epoch = max(1, n_items // batch_size)
+    epoch, offset = divmod(iteration, per_epoch)
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[offset * batch_size:(offset + 1) * batch_size].tolist()
+
+
+def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tensor, values: torch.Tensor | None,
+                    scores: torch.Tensor, ended_with_eos: torch.Tensor, group_ids: torch.Tensor,
+                    cfg: PPOConfig, kl_coef: float, reward_stats: tuple) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rollout tensors + model outputs -> the experience the learners train on, and its metrics.
+
+    batch: input_ids, attention_mask (B, T); action_mask, logprobs (B, T-1). ref_logprobs and values
+    (B, T-1); scores, ended_with_eos, group_ids (B,).
+    """
+    algo = cfg.ppo
+    mask = batch["action_mask"]
+    kl = kl_estimate(batch["logprobs"], ref_logprobs, algo.kl.estimator, mask)
+    lengths = mask.sum(-1)
+    processed = process_scores(scores, cfg.reward, response_lengths=lengths, ended_with_eos=ended_with_eos,
+                               mean=reward_stats[0], std=reward_stats[1])
+    token_rewards = shape_rewards(processed, kl, mask, kl_coef, kl_in_reward=algo.kl.mode == "reward")
+    advantages, returns = compute_advantages(
+        algo.advantage, token_rewards=token_rewards, values=values, scores=processed, group_ids=group_ids,
+        action_mask=mask, gamma=algo.gamma, lam=algo.lam,
+    )
+    if algo.whiten_advantages and algo.advantage == "gae":
+        advantages = whiten(advantages, mask)
+    experience = {**batch, "advantages": advantages, "ref_logprobs": ref_logprobs}
+    if values is not None:
+        experience.update(values=values, returns=returns)
+    metrics = {
+        "reward/mean": scores.mean().item(),
+        "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+        "reward/processed_mean": processed.mean().item(),
+        "kl/mean": (kl * mask).sum(-1).mean().item(),
+        "kl/coef": kl_coef,
+        "response/length": lengths.float().mean().item(),
+        "response/ended_with_eos": ended_with_eos.float().mean().item(),
+        "advantages/mean": masked_mean(advantages, mask).item(),
+    }
+    return experience, metrics
+
+
+def shard(experience: dict[str, torch.Tensor], world: int) -> list[dict[str, torch.Tensor]]:
+    """Split rows evenly across ``world`` ranks."""
+    return [{k: v.chunk(world)[rank] for k, v in experience.items()} for rank in range(world)]
+
+
+class PPOTrainer:
+    """Owns the actors of one PPO run and drives its iterations."""
+
+    def __init__(self, cfg: PPOConfig) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.critic import CriticLearner
+        from actors.group import LearnerGroup
+        from actors.policy import PolicyLearner
+        from actors.reference import ReferenceModel
+        from actors.reward import RewardScorer
+        from actors.rollout import RolloutGroup
+        from cluster.runtime import create_placement_group, init_ray
+        from rlhf.data import load_prompt_data
+        from rlhf.models import load_tokenizer, resolve_model_path
+
+        check_config(cfg)
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        start_from = Path(cfg.resume_from) if cfg.resume_from else None
+        if start_from and not (start_from / STATE_FILE).is_file():
+            raise ConfigError(f"resume_from {start_from}: not a PPO checkpoint (no {STATE_FILE})")
+        base_path = resolve_model_path(cfg.model.path)
+        policy_path = str(start_from / "policy") if start_from else base_path
+        critic_source = cfg.critic.path if cfg.critic else (cfg.reward.path or cfg.model.path)
+        critic_path = str(start_from / "critic") if start_from and (start_from / "critic").is_dir() \
+            else resolve_model_path(critic_source)
+
+        self.tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.prompts, self.eval_prompts = load_prompt_data(cfg.data, self.tokenizer, seed=cfg.seed, phase=2)
+        if len(self.prompts) < cfg.ppo.rollout_batch_size:
+            raise ConfigError(f"{len(self.prompts)} prompts cannot fill ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
+        self.sampling = cfg.rollout.sampling
+        self.use_critic = needs_critic(cfg.ppo.advantage)
+
+        init_ray(cfg.ray)
+        place = cfg.placement
+        # One bundle per model replica; colocated roles share a bundle (and split its CPUs).
+        roles = ["policy"] * cfg.policy_workers + (["critic"] * cfg.critic_workers if self.use_critic else [])
+        roles += ["reference", "reward"]
+        slots = self._slots(roles, place.colocate)
+        bundle = {"CPU": place.cpus_per_actor, **({"GPU": place.gpus_per_actor} if place.gpus_per_actor else {})}
+        n_bundles = 1 + max(index for indices in slots.values() for index in indices)
+        self.placement_group = create_placement_group(
+            [dict(bundle) for _ in range(n_bundles)], strategy=place.strategy,
+            timeout_s=cfg.ray.resource_timeout_s, what="ppo actors (policy, critic, reference, reward)",
+        )
+        share = {i: sum(i in indices for indices in slots.values()) for i in range(n_bundles)}
+
+        def fraction(index: int, amount: float) -> float:
+            return amount / share[index]
+
+        self.engines = RolloutGroup(
+            cfg.model.model_copy(update={"path": policy_path}), cfg.rollout, cpus_per_engine=place.cpus_per_actor,
+            gpus_per_engine=place.gpus_per_actor, strategy=place.strategy,
+            resource_timeout_s=cfg.ray.resource_timeout_s, seed=cfg.seed,
+        )
+        p0 = slots["policy"][0]
+        self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=self.placement_group,
+                                   bundle_indices=slots["policy"], num_cpus=fraction(p0, place.cpus_per_actor),
+                                   num_gpus=fraction(p0, place.gpus_per_actor), name="policy")
+        setups = self.policy.call("setup", cfg.model, policy_path, cfg.ppo, cfg.deepspeed,
+                                  self.sampling.temperature or 1.0, cfg.seed)
+        self.critic = None
+        if self.use_critic:
+            c0 = slots["critic"][0]
+            self.critic = LearnerGroup(CriticLearner, cfg.critic_workers, placement_group=self.placement_group,
+                                       bundle_indices=slots["critic"], num_cpus=fraction(c0, place.cpus_per_actor),
+                                       num_gpus=fraction(c0, place.gpus_per_actor), name="critic")
+            setups += self.critic.call("setup", cfg.critic or cfg.model, critic_path, cfg.ppo, cfg.deepspeed, cfg.seed)
+
+        def inference_actor(cls, role: str):
+            index = slots[role][0]
+            return ray.remote(cls).options(
+                num_cpus=fraction(index, place.cpus_per_actor), num_gpus=fraction(index, place.gpus_per_actor),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index),
+            )
+
+        self.reference = inference_actor(ReferenceModel, "reference").remote(cfg.model, base_path)
+        self.reward = inference_actor(RewardScorer, "reward").remote(cfg.reward, cfg.model.dtype)
+        ray.get(setups)
+        if cfg.rollout.weight_sync == "broadcast":
+            rank0 = self.policy.actors[0]
+            host, port, world = ray.get(rank0.open_weight_broadcast.remote(len(self.engines)))
+            ray.get(self.engines.join_weight_group(host, port, world) + [rank0.connect_weight_broadcast.remote()])
+        self.reward_stats = ray.get(self.reward.stats.remote())
+
+        self.kl_controller = make_kl_controller(cfg.ppo.kl)
+        self.iteration = 0
+        if start_from:
+            state = json.loads((start_from / STATE_FILE).read_text())
+            self.iteration = state["iteration"]
+            self.kl_controller.load_state_dict(state["kl_controller"])
+
+    @staticmethod
+    def _slots(roles: list[str], colocate: str) -> dict[str, list[int]]:
+        """Bundle index of every role replica. Colocated roles reuse their partner's first bundle."""
+        slots: dict[str, list[int]] = {}
+        next_index = 0
+        partner = {"policy_reference": {"reference": "policy"}, "critic_reward": {"reward": "critic"},
+                   "all": {r: "policy" for r in ("critic", "reference", "reward")}}.get(colocate, {})
+        for role in roles:
+            host = partner.get(role)
+            if host and host in slots:
+                slots.setdefault(role, []).append(slots[host][len(slots.get(role, [])) % len(slots[host])])
+                continue
+            slots.setdefault(role, []).append(next_index)
+            next_index += 1
+        return slots
+
+    # ----------------------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One PPO iteration; returns its metrics."""
+        import ray
+
+        from actors.rollout import samples_to_batch
+
+        cfg, algo, n = self.cfg, self.cfg.ppo, self.sampling.n
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+
+        # 1. Generate: rollout_batch_size prompts x n samples, seeded by iteration.
+        chosen = batch_indices(self.iteration, len(self.prompts), algo.rollout_batch_size, cfg.seed)
+        prompts = [self.prompts[i] for i in chosen]
+        sampling = self.sampling.model_copy(update={"seed": cfg.seed * 100_003 + self.iteration * 1_009})
+        started = time.perf_counter()
+        samples = self.engines.generate([p["prompt_ids"] for p in prompts], sampling)
+        timings["timing/generation"] = time.perf_counter() - started
+
+        # 2. Reference logprobs, values and rewards, in parallel.
+        started = time.perf_counter()
+        batch = samples_to_batch(samples, self.tokenizer.pad_token_id)
+        rollout = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        temperature = self.sampling.temperature or 1.0
+        ref_ref = self.reference.logprobs.remote(rollout, temperature)
+        value_refs = (self.critic.call_sharded("values", shard(rollout, len(self.critic.actors)))
+                      if self.critic else [])
+        texts = [s.text for s in samples]
+        prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
+        score_ref = self.reward.scores.remote(prompt_texts, texts)
+        ref_logprobs = ray.get(ref_ref)
+        values = torch.cat(ray.get(value_refs)) if value_refs else None
+        scores = torch.tensor(ray.get(score_ref), dtype=torch.float32)
+
+        # 3. KL, rewards and advantages: pure torch.
+        ended = torch.tensor([s.finish_reason == "stop" for s in samples])
+        group_ids = torch.arange(len(prompts)).repeat_interleave(n)
+        experience, metrics = make_experience(
+            batch, ref_logprobs=ref_logprobs, values=values, scores=scores, ended_with_eos=ended,
+            group_ids=group_ids, cfg=cfg, kl_coef=self.kl_controller.value, reward_stats=self.reward_stats,
+        )
+        timings["timing/make_experience"] = time.perf_counter() - started
+
+        # 4. Train critic and policy (in parallel: different actors).
+        started = time.perf_counter()
+        policy_keys = ["input_ids", "attention_mask", "action_mask", "logprobs", "advantages", "ref_logprobs"]
+        policy_refs = self.policy.call_sharded(
+            "train", shard({k: experience[k] for k in policy_keys}, len(self.policy.actors)),
+            self.kl_controller.value, self.iteration,
+        )
+        critic_refs = []
+        if self.critic:
+            critic_keys = ["input_ids", "attention_mask", "action_mask", "values", "returns"]
+            critic_refs = self.critic.call_sharded(
+                "train", shard({k: experience[k] for k in critic_keys}, len(self.critic.actors)), self.iteration,
+            )
+        policy_stats = ray.get(policy_refs)[0]
+        critic_stats = ray.get(critic_refs)[0] if critic_refs else {}
+        timings["timing/train"] = time.perf_counter() - started
+
+        # 5. Weight sync: the engines sample from the updated policy next iteration.
+        started = time.perf_counter()
+        self.sync_weights()
+        timings["timing/weight_sync"] = time.perf_counter() - started
+
+        # 6. KL controller and metrics.
+        self.kl_controller.update(metrics["kl/mean"], len(samples))
+        self.iteration += 1
+        timings["timing/step"] = time.perf_counter() - step_start
+        generated = int(batch["action_mask"].sum())
+        return {**metrics, **policy_stats, **critic_stats, **timings,
+                "throughput/tokens_per_s": generated / timings["timing/step"]}
+
+    def sync_weights(self) -> None:
+        """Policy rank 0's full weights to every engine: through the object store (the engines read
+        rank 0's return value directly), or streamed over a broadcast group."""
+        import ray
+
+        if self.cfg.rollout.weight_sync == "broadcast":
+            pending = self.engines.receive_weights()
+            ray.get(self.policy.call("broadcast_weights") + pending)
+            return
+        refs = self.policy.call("packed_weights")  # every rank joins (ZeRO-3 gathers)
+        self.engines.update_weights(refs[0])
+        ray.get(refs[1:])
+
+    # ----------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, folder: Path) -> Path:
+        """Policy (and critic) Hugging Face folders plus the controller state, written atomically."""
+        import ray
+
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        refs = self.policy.call("save_pretrained", str(staging / "policy"))
+        if self.critic:
+            refs += self.critic.call("save_pretrained", str(staging / "critic"))
+        ray.get(refs)
+        (staging / STATE_FILE).write_text(json.dumps({
+            "iteration": self.iteration, "seed": self.cfg.seed, "kl_controller": self.kl_controller.state_dict(),
+        }, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+        return folder
+
+    def prune_checkpoints(self) -> None:
+        folders = sorted((self.output_dir / "checkpoints").glob("step_*[0-9]"))
+        for old in folders[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self.engines.shutdown()
+        self.policy.shutdown()
+        if self.critic:
+            self.critic.shutdown()
+        for actor in (self.reference, self.reward):
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+
+def run(cfg: PPOConfig) -> Path:
+    from tqdm import tqdm
+
+    from rlhf.metrics import MetricsLogger
+
+    out = Path(cfg.output_dir)
+    save_config(cfg, out)
+    trainer = PPOTrainer(cfg)
+    logger = MetricsLogger(out, append=trainer.iteration > 0)
+    try:
+        with tqdm(total=cfg.steps, initial=trainer.iteration, desc="ppo", unit="step") as bar:
+            while trainer.iteration < cfg.steps:
+                metrics = trainer.step()
+                logger.log(trainer.iteration, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
+                bar.update(1)
+                if cfg.save_every and trainer.iteration % cfg.save_every == 0 and trainer.iteration < cfg.steps:
+                    trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.iteration:06d}")
+                    trainer.prune_checkpoints()
+                if cfg.reward_threshold is not None and metrics["reward/mean"] >= cfg.reward_threshold:
+                    log.info("ppo: reward/mean %.3f reached reward_threshold %.3f at step %d; stopping",
+                             metrics["reward/mean"], cfg.reward_threshold, trainer.iteration)
+                    break
+        final = trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.iteration:06d}")
+        trainer.prune_checkpoints()
+        target = out / "final"
+        staging = out / "final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(final / "policy", staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        return target
+    finally:
+        logger.close()
+        trainer.shutdown()
