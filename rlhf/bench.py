@@ -6,11 +6,15 @@ Same prompts (the shipped dataset's, through the chat template), same seeded sam
     (b) ray xN    our rollout actors through Ray (RolloutGroup), for each N in ``cfg.engines``
     (c) hf        transformers ``generate`` (the HF backend): the baseline
 
-(a) and (c) each run in a fresh child process (``python -m rlhf.bench``), so that their peak RSS is
-their own and vLLM's process-wide thread settings never leak into the HF run; (b) runs its engines
-as Ray actors. Every engine gets the whole machine's CPUs (N engines: 1/N each). Each configuration is
-started once, warmed up, then timed ``repeats`` times; the median run is reported. For (b) one
-weight update through each transport (object store, broadcast) is timed as well.
+(a) and (c) each run in a fresh child process (``python -m rlhf.bench``, driven over pipes), so
+that their peak RSS is their own and vLLM's process-wide thread settings never leak into the HF run;
+(b) runs its engines as Ray actors. Every configuration's engines share the machine's CPUs (N
+engines: 1/N of the threads each). Configurations are started once and warmed up with one untimed
+call of the same batch; then they take turns, ``repeats`` rounds, so that load from elsewhere on a
+shared machine falls on all of them alike (see :func:`rollout_benchmark`). The median run is
+reported; every run, with the machine's load average, is in the JSON. For (b), weight updates of all
+engines through each transport (object store, broadcast) are timed too, from the learner's state
+dict to every engine's model (median of ``repeats``).
 
 Reported per configuration: generated tokens/s, requests (prompts)/s, time to first result (the first
 finished sample in the caller's hands), peak RSS of the engine process(es) and startup time. Ratios:
@@ -102,91 +106,142 @@ def _flatten(chunks):
         yield from chunk
 
 
-def _summary(name: str, key: str, engines: int, runs: list[dict], extra: dict) -> dict:
-    """The median run (by wall time) plus every run's figures."""
-    median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
-    return {"name": name, "key": key, "engines": engines, **median, **extra,
-            "runs": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in runs]}
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
+def _rounded(run: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in run.items()}
 
 
 # --------------------------------------------------------------------------------------------------
-# (a) and (c): one engine in a child process
+# Runners: one configuration each, started once, then run many times (interleaved with the others)
 # --------------------------------------------------------------------------------------------------
 
 
-def _child_main(spec_path: str, result_path: str) -> None:
-    """Body of the child process (``python -m rlhf.bench SPEC RESULT``): build a RolloutEngine, time
-    ``repeats`` calls, write the runs and the engine's info as JSON."""
-    spec = json.loads(Path(spec_path).read_text())
-    threads = spec["threads"]
-    if spec["backend"] == "vllm":
-        from actors.rollout import vllm_env
+class ChildRunner:
+    """A RolloutEngine (vLLM in-process, or HF) in a fresh Python process of its own, driven over two
+    pipes with one JSON object per line. Its peak RSS is its own, and vLLM's process-wide thread
+    settings never leak into another configuration."""
 
-        os.environ.update(vllm_env())
-    import torch
+    def __init__(self, model: ModelConfig, backend: str, prompts: list[list[int]], sampling: SamplingConfig,
+                 threads: int):
+        import subprocess
+        import sys
 
-    torch.set_num_threads(threads)
-    from actors.rollout import RolloutEngine
-
-    engine = RolloutEngine(ModelConfig(**spec["model"]), RolloutConfig(backend=spec["backend"]), seed=0)
-    sampling = SamplingConfig(**spec["sampling"])
-    prompts = spec["prompts"]
-    runs = [time_stream(_flatten(engine.stream(prompts, sampling)), len(prompts)) for _ in range(spec["repeats"])]
-    Path(result_path).write_text(json.dumps({"runs": runs, "info": engine.info()}))
-
-
-def measure_in_child(model: ModelConfig, backend: str, prompts: list[list[int]], sampling: SamplingConfig,
-                     repeats: int, threads: int) -> dict:
-    """Time one engine (``backend`` 'vllm' or 'hf') hosted in a fresh Python process of its own."""
-    import subprocess
-    import sys
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
-        spec_path.write_text(json.dumps({
-            "model": model.model_dump(), "backend": backend, "prompts": prompts,
-            "sampling": sampling.model_dump(), "repeats": repeats, "threads": threads,
-        }))
+        commands_r, commands_w = os.pipe()
+        results_r, results_w = os.pipe()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        subprocess.run([sys.executable, "-m", "rlhf.bench", str(spec_path), str(result_path)], env=env, check=True)
-        return json.loads(result_path.read_text())
+        self.process = subprocess.Popen([sys.executable, "-m", "rlhf.bench", str(commands_r), str(results_w)],
+                                        pass_fds=(commands_r, results_w), env=env)
+        os.close(commands_r)
+        os.close(results_w)
+        self._commands = os.fdopen(commands_w, "w")
+        self._results = os.fdopen(results_r)
+        self._call({"op": "start", "model": model.model_dump(), "backend": backend, "threads": threads,
+                    "prompts": prompts, "sampling": sampling.model_dump()})
+
+    def _call(self, command: dict) -> dict:
+        self._commands.write(json.dumps(command) + "\n")
+        self._commands.flush()
+        line = self._results.readline()
+        if not line:
+            raise RuntimeError(f"benchmark child process exited (code {self.process.wait()}); see its log above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"benchmark child process: {reply['error']}")
+        return reply
+
+    def run(self) -> dict:
+        return self._call({"op": "run"})
+
+    def info(self) -> list[dict]:
+        return [self._call({"op": "info"})]
+
+    def close(self) -> None:
+        try:
+            self._commands.close()
+        finally:
+            self.process.wait(timeout=60)
 
 
-# --------------------------------------------------------------------------------------------------
-# (b): rollout actors through Ray
-# --------------------------------------------------------------------------------------------------
+def _child_main(commands_fd: int, results_fd: int) -> None:
+    """Body of a ChildRunner's process: ``start`` builds the engine, ``run`` times one call,
+    ``info`` reports it; end of input ends the process."""
+    import traceback
+
+    engine = prompts = sampling = None
+    with os.fdopen(commands_fd) as commands, os.fdopen(results_fd, "w") as results:
+        for line in commands:
+            command = json.loads(line)
+            try:
+                if command["op"] == "start":
+                    if command["backend"] == "vllm":
+                        from actors.rollout import vllm_env
+
+                        os.environ.update(vllm_env())
+                    import torch
+
+                    torch.set_num_threads(command["threads"])
+                    from actors.rollout import RolloutEngine
+
+                    engine = RolloutEngine(ModelConfig(**command["model"]), RolloutConfig(backend=command["backend"]))
+                    prompts, sampling = command["prompts"], SamplingConfig(**command["sampling"])
+                    reply = {}
+                elif command["op"] == "run":
+                    reply = time_stream(_flatten(engine.stream(prompts, sampling)), len(prompts))
+                else:
+                    reply = engine.info()
+            except Exception as exc:  # reported to the parent, which raises it
+                reply = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+            results.write(json.dumps(reply) + "\n")
+            results.flush()
 
 
-def measure_ray(model: ModelConfig, engines: int, prompts, sampling, repeats: int, cpus: float,
-                weights: dict | None, resource_timeout_s: float = 30.0) -> dict:
-    """Time ``RolloutGroup.stream`` with ``engines`` actors, and one weight update per transport."""
-    import ray
+class RayRunner:
+    """(b): a RolloutGroup of ``engines`` actors. Each engine gets ``threads`` threads; its placement
+    bundle reserves ``bundle_cpus`` (Ray's bookkeeping only)."""
 
-    from actors.rollout import RolloutGroup
-    from actors.weight_sync import WeightBroadcaster, pack_weights
+    def __init__(self, model: ModelConfig, engines: int, prompts, sampling, *, bundle_cpus: float, threads: int,
+                 resource_timeout_s: float):
+        from actors.rollout import RolloutGroup
 
-    group = RolloutGroup(model, RolloutConfig(engines=engines), cpus_per_engine=cpus / engines,
-                         resource_timeout_s=resource_timeout_s)
-    try:
-        runs = [time_stream(group.stream(prompts, sampling), len(prompts)) for _ in range(repeats)]
-        updates = {}
-        if weights is not None:
+        self.prompts, self.sampling = prompts, sampling
+        self.group = RolloutGroup(model, RolloutConfig(engines=engines), cpus_per_engine=bundle_cpus,
+                                  threads_per_engine=threads, resource_timeout_s=resource_timeout_s)
+
+    def run(self) -> dict:
+        return time_stream(self.group.stream(self.prompts, self.sampling), len(self.prompts))
+
+    def info(self) -> list[dict]:
+        return self.group.info()
+
+    def weight_updates(self, weights: dict, repeats: int) -> dict[str, list[float]]:
+        """Seconds for ``repeats`` updates of all engines per transport, from the learner's state
+        dict to every engine's model."""
+        import ray
+
+        from actors.weight_sync import WeightBroadcaster, default_backend, pack_weights
+
+        seconds: dict[str, list[float]] = {"object_store": [], "broadcast": []}
+        for _ in range(repeats):
             start = time.perf_counter()
-            group.update_weights(ray.put(pack_weights(weights)))
-            updates["object_store"] = time.perf_counter() - start
-            broadcaster = WeightBroadcaster(engines, backend="gloo")
-            joins = group.join_weight_group(broadcaster.host, broadcaster.port, broadcaster.world_size, "gloo")
-            broadcaster.connect()
-            ray.get(joins)
+            self.group.update_weights(ray.put(pack_weights(weights)))
+            seconds["object_store"].append(time.perf_counter() - start)
+        broadcaster = WeightBroadcaster(len(self.group), backend=default_backend())
+        joins = self.group.join_weight_group(broadcaster.host, broadcaster.port, broadcaster.world_size,
+                                             broadcaster.backend)
+        broadcaster.connect()
+        ray.get(joins)
+        for _ in range(repeats):
             start = time.perf_counter()
-            group.broadcast_weights(broadcaster, weights)
-            updates["broadcast"] = time.perf_counter() - start
-            broadcaster.close()
-        infos = group.info()
-    finally:
-        group.shutdown()
-    return {"runs": runs, "infos": infos, "weight_update_s": updates}
+            self.group.broadcast_weights(broadcaster, weights)
+            seconds["broadcast"].append(time.perf_counter() - start)
+        broadcaster.close()
+        return seconds
+
+    def close(self) -> None:
+        self.group.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,63 +262,111 @@ def _environment() -> dict:
             "packages": versions}
 
 
-def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS, modes: tuple[str, ...] = ("vllm", "ray", "hf"),
-                      weight_update: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run (a), (b) for each engine count, (c); return the figures, ratios and targets as a dict."""
+NAMES = {"vllm": "(a) vLLM in-process", "hf": "(c) HF generate"}
+
+
+def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
+                      modes: tuple[str, ...] = ("vllm", "ray", "hf"), weight_update: bool = True,
+                      log: Callable[[str], None] = print) -> dict:
+    """Run (a), (b) for each engine count and (c); return figures, ratios and targets as a dict.
+
+    One phase per engine count in ``cfg.engines``: its Ray group is started beside the (a) and (c)
+    child processes (started once for all phases), everything is warmed up, then the configurations
+    take turns, ``repeats`` rounds, so that load from elsewhere on the machine falls on all of them
+    alike. (c) is slow, so it takes part in the first phase only. Ratios compare medians of runs from
+    the same phase (for ``ray_vs_hf``, (c)'s runs).
+    """
     from cluster.runtime import init_ray
     from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     model = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    tokenizer = load_tokenizer(model.path)
-    prompts = load_prompts(tokenizer, cfg.prompts)
+    prompts = load_prompts(load_tokenizer(model.path), cfg.prompts)
     sampling = bench_sampling(cfg)
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    threads = max(1, int(cpus))
+    engine_counts = list(cfg.engines) if "ray" in modes else [None]
+    log(f"bench rollout: {len(prompts)} prompts x {sampling.max_new_tokens} new tokens, {repeats} round(s) "
+        f"per phase, engine counts {engine_counts}; load average {os.getloadavg()[0]:.2f}")
+
+    runs: dict[str, list[dict]] = {}
+    extra: dict[str, dict] = {}
+    children: dict[str, ChildRunner] = {}
+    weights = None
+    try:
+        for key in ("vllm", "hf"):
+            if key in modes:
+                log(f"bench rollout: starting {NAMES[key]}")
+                children[key] = ChildRunner(model, key, prompts, sampling, threads=max(1, int(cpus)))
+                children[key].run()  # warm-up: the first full-size batch pays one-off costs
+        if "ray" in modes:
+            init_ray(cfg.ray)
+            if weight_update:
+                weights = load_causal_lm(model, device="cpu").state_dict()
+        for phase, engines in enumerate(engine_counts):
+            active: dict[str, object] = {}
+            if "vllm" in children:
+                active["vllm"] = children["vllm"]
+            ray_runner, ray_key = None, f"ray_x{engines}"
+            if engines is not None:
+                log(f"bench rollout: starting (b) Ray rollout x{engines}")
+                ray_runner = RayRunner(model, engines, prompts, sampling, bundle_cpus=cpus / engines,
+                                       threads=max(1, int(cpus / engines)),
+                                       resource_timeout_s=cfg.ray.resource_timeout_s)
+                ray_runner.run()  # warm-up
+                active[ray_key] = ray_runner
+            if "hf" in children and phase == 0:
+                active["hf"] = children["hf"]
+            try:
+                for round_ in range(repeats):
+                    log(f"bench rollout: phase {phase + 1}/{len(engine_counts)}, round {round_ + 1}/{repeats}: "
+                        f"{', '.join(active)}")
+                    for key, runner in active.items():
+                        load = os.getloadavg()[0]
+                        runs.setdefault(key, []).append({**runner.run(), "load_avg_1m": load, "phase": phase})
+                if ray_runner is not None:
+                    infos = ray_runner.info()  # generation's peak memory, before weight updates
+                    extra[ray_key] = {"peak_rss_mib": sum(i["peak_rss_mib"] for i in infos),
+                                      "startup_s": max(i["startup_s"] for i in infos)}
+                    if weights is not None:
+                        log(f"bench rollout: weight updates, {engines} engine(s)")
+                        update_runs = ray_runner.weight_updates(weights, repeats)
+                        extra[ray_key]["weight_update_s"] = {k: statistics.median(v) for k, v in update_runs.items()}
+                        extra[ray_key]["weight_update_runs_s"] = update_runs
+            finally:
+                if ray_runner is not None:
+                    ray_runner.close()
+        for key, child in children.items():
+            info = child.info()[0]
+            extra[key] = {"peak_rss_mib": info["peak_rss_mib"], "startup_s": info["startup_s"]}
+    finally:
+        for child in children.values():
+            child.close()
+
     results = []
-    weight_updates = {}
-
-    def note(name: str) -> None:
-        log(f"bench rollout: {name} ({len(prompts)} prompts x {sampling.max_new_tokens} new tokens, "
-            f"{repeats} run(s); load average {os.getloadavg()[0]:.2f})")
-
-    if "vllm" in modes:
-        note("(a) vLLM in-process")
-        child = measure_in_child(model, "vllm", prompts, sampling, repeats, threads)
-        results.append(_summary("(a) vLLM in-process", "vllm", 1, child["runs"], {
-            "peak_rss_mib": child["info"]["peak_rss_mib"], "startup_s": child["info"]["startup_s"]}))
-    if "ray" in modes:
-        init_ray(cfg.ray)
-        weights = None
-        if weight_update:
-            weights = load_causal_lm(model, device="cpu").state_dict()
-        for engines in cfg.engines:
-            note(f"(b) Ray, {engines} engine(s)")
-            measured = measure_ray(model, engines, prompts, sampling, repeats, cpus, weights,
-                                   cfg.ray.resource_timeout_s)
-            results.append(_summary(f"(b) Ray rollout x{engines}", f"ray_x{engines}", engines, measured["runs"], {
-                "peak_rss_mib": sum(i["peak_rss_mib"] for i in measured["infos"]),
-                "startup_s": max(i["startup_s"] for i in measured["infos"]),
-                "weight_update_s": measured["weight_update_s"],
-            }))
-            if measured["weight_update_s"]:
-                weight_updates[f"ray_x{engines}"] = measured["weight_update_s"]
-    if "hf" in modes:
-        note("(c) HF generate")
-        child = measure_in_child(model, "hf", prompts, sampling, repeats, threads)
-        results.append(_summary("(c) HF generate", "hf", 1, child["runs"], {
-            "peak_rss_mib": child["info"]["peak_rss_mib"], "startup_s": child["info"]["startup_s"]}))
-
-    by_key = {r["key"]: r for r in results}
-    ratios_by_engines = {}
-    for engines in cfg.engines:
-        ray_result = by_key.get(f"ray_x{engines}")
-        if ray_result is None:
+    for key in ["vllm", *(f"ray_x{n}" for n in cfg.engines), "hf"]:
+        if key not in runs:
             continue
+        engines = int(key.removeprefix("ray_x")) if key.startswith("ray_x") else 1
+        name = NAMES.get(key, f"(b) Ray rollout x{engines}")
+        results.append({"name": name, "key": key, "engines": engines, **_median_run(runs[key]), **extra[key],
+                        "runs": [_rounded(r) for r in runs[key]]})
+
+    def median_tps(key: str, phase: int | None = None) -> float | None:
+        values = [r["tokens_per_s"] for r in runs.get(key, []) if phase is None or r["phase"] == phase]
+        return statistics.median(values) if values else None
+
+    ratios_by_engines = {}
+    for phase, engines in enumerate(engine_counts):
+        if engines is None:
+            continue
+        ray_tps = median_tps(f"ray_x{engines}")
+        vllm_tps, hf_tps = median_tps("vllm", phase), median_tps("hf")
         ratios_by_engines[str(engines)] = {
-            "ray_vs_vllm": _ratio(ray_result, by_key.get("vllm")),
-            "ray_vs_hf": _ratio(ray_result, by_key.get("hf")),
+            "ray_vs_vllm": ray_tps / vllm_tps if vllm_tps else None,
+            "ray_vs_hf": ray_tps / hf_tps if hf_tps else None,
+            "vllm_tokens_per_s_same_phase": vllm_tps,
         }
-    headline = ratios_by_engines.get(str(cfg.engines[0]), {"ray_vs_vllm": None, "ray_vs_hf": None})
+    headline = {k: ratios_by_engines.get(str(cfg.engines[0]), {}).get(k) for k in ("ray_vs_vllm", "ray_vs_hf")}
+    weight_updates = {r["key"]: r["weight_update_s"] for r in results if r.get("weight_update_s")}
     slowest_update = max((s for u in weight_updates.values() for s in u.values()), default=None)
     return {
         "ratios": headline,
@@ -284,12 +387,6 @@ def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS, modes
         "environment": _environment(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-
-
-def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
-    if not numerator or not denominator or not denominator["tokens_per_s"]:
-        return None
-    return numerator["tokens_per_s"] / denominator["tokens_per_s"]
 
 
 def _at_least(value: float | None, target: float) -> bool | None:
@@ -342,7 +439,7 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(TARGETS["weight_update_s"], color="red", linestyle="--", linewidth=1, label="target")
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.set_ylabel("weight update (s)")
-        ax.set_title("one weight update, all engines", fontsize=10)
+        ax.set_title("weight update of all engines (median)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -377,4 +474,4 @@ def print_table(result: dict, console=None) -> None:
 if __name__ == "__main__":
     import sys
 
-    _child_main(*sys.argv[1:3])
+    _child_main(int(sys.argv[1]), int(sys.argv[2]))
