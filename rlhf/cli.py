@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_stage_args(stage_parser)
         if stage == "run":
             stage_parser.add_argument("--quick", action="store_true", help="the tiny-model preset (minutes)")
+    from rlhf.cli_jobs import add_job_commands
+    add_job_commands(commands)
     return parser
 
 
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(dump_config(load_config(args.stage, args.config, args.overrides)), end="")
             return 0
+        if args.command in ("submit", "jobs"):
+            from rlhf.cli_jobs import run_job_command
+            return run_job_command(args)
         return _run_stage(args.command, args)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

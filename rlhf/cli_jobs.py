@@ -1,0 +1,229 @@
+"""`rlhf submit` and `rlhf jobs ...`: run stages as Ray Jobs on a cluster (or a local head).
+
+    rlhf submit STAGE -c CONFIG [KEY=VALUE ...] [--address URL] [--env KEY[=VALUE]] [--pip PKG]
+                [--working-dir DIR] [--exclude PATTERN] [--no-wait | --follow]
+    rlhf jobs status ID [--wait]       rlhf jobs logs ID [--follow]
+    rlhf jobs stop ID [--no-wait]      rlhf jobs list
+
+The job runs ``rlhf STAGE -c CONFIG KEY=VALUE ...`` in a copy of the working directory (default: the
+current one), so the same config runs locally and on a cluster; only ``--address`` differs. The
+address defaults to $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or http://127.0.0.1:8265.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import time
+from pathlib import Path
+
+from rlhf.config import STAGES, ConfigError, load_config
+
+COMMANDS = ("submit", "jobs")
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+        "an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets options and KEY=VALUE overrides come in any order, e.g. `-c X a=1 --follow b=2`."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def add_job_commands(subparsers) -> None:
+    """Add ``submit`` and ``jobs`` to the `rlhf` command's subparsers."""
+    submit = subparsers.add_parser(
+        "submit", help="run a stage (or the whole pipeline, `run`) as a Ray Job on a cluster",
+        description="Run `rlhf STAGE -c CONFIG KEY=VALUE ...` as a Ray Job. The working directory is "
+        "uploaded (minus --exclude patterns and .gitignore'd files); the config must lie inside it. "
+        "Prints the submission id on the first line of stdout.",
+    )
+    submit.__class__ = _IntermixedParser  # subparsers build plain parsers; this one may interleave
+    submit.add_argument("stage", choices=sorted(STAGES), help="the stage to run")
+    submit.add_argument("-c", "--config", help="YAML config file inside the working directory")
+    submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, as for the stage itself (bench: its argument first)")
+    _add_address(submit)
+    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="also leave this out of the upload (repeatable; .git, .venv, runs, .cache, ... always are)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                        help="environment variable for the job (repeatable); KEY alone passes on its local value")
+    submit.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
+                        help="extra pip package installed for the job (repeatable), e.g. --pip 'rlhf[gpu]'")
+    submit.add_argument("--quick", action="store_true", help="with `run`: its tiny-model preset")
+    submit.add_argument("--submission-id", help="choose the job's id (default: Ray makes one)")
+    submit.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the stage's driver")
+    submit.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the stage's driver")
+    submit.add_argument("--no-check", action="store_true",
+                        help="submit without validating the command and config here first")
+    mode = submit.add_mutually_exclusive_group()
+    mode.add_argument("--no-wait", action="store_true", help="print the id and return at once")
+    mode.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("--timeout", type=float, help="stop waiting after this many seconds (the job goes on)")
+
+    jobs = subparsers.add_parser("jobs", help="status, logs, stop or list Ray Jobs")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = actions.add_parser("status", help="a job's status")
+    status.add_argument("submission_id")
+    status.add_argument("--wait", action="store_true", help="wait until it ends; exit 0 only if it SUCCEEDED")
+    status.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    logs = actions.add_parser("logs", help="a job's logs")
+    logs.add_argument("submission_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends")
+    stop = actions.add_parser("stop", help="stop a running job")
+    stop.add_argument("submission_id")
+    stop.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
+    stop.add_argument("--timeout", type=float, default=60.0, help="how long to wait for it to stop (default 60 s)")
+    listing = actions.add_parser("list", help="the cluster's jobs")
+    for parser in (status, logs, stop, listing):
+        _add_address(parser)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _when(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def check_command(argv: list[str], root: str | Path = "."):
+    """Parse ``rlhf ...`` as the job will and load its config: a bad command fails here, not remotely.
+
+    ``argv`` starts with ``rlhf``; a relative ``-c`` path is taken inside ``root``. Returns the config.
+    """
+    from cluster.jobs import display_command
+    from rlhf.cli import build_parser
+
+    shown = display_command(argv)
+    if not argv or argv[0] != "rlhf":
+        raise ConfigError(f"not an rlhf command: {shown}")
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = build_parser().parse_args(argv[1:])
+    except SystemExit:
+        raise ConfigError(f"`{shown}` would not run: {captured.getvalue().strip().splitlines()[-1]}") from None
+    if args.command not in STAGES:
+        raise ConfigError(f"`{shown}` is not a stage command ({', '.join(STAGES)})")
+    config = str(Path(root) / args.config) if args.config else None
+    return load_config(args.command, config, args.overrides)
+
+
+def _print_info(info) -> None:
+    print(f"{info.submission_id}: {info.status}")
+    print(f"  command: {info.masked_entrypoint}")
+    if info.message:
+        print(f"  message: {info.message.strip()}")
+    print(f"  started: {_when(info.start_time)}  ended: {_when(info.end_time)}")
+
+
+def _on_change(info) -> None:
+    _say(f"status: {info.status}")
+
+
+def _finish(info) -> int:
+    detail = f" ({info.message.strip()})" if info.message else ""
+    _say(f"job {info.submission_id}: {info.status}{detail}")
+    if info.status == "FAILED":
+        _say(f"  logs: rlhf jobs logs {info.submission_id}")
+    return 0 if info.status == "SUCCEEDED" else 1
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    root = Path(args.working_dir).expanduser().resolve()
+    renv = jobs.runtime_env(root, env=jobs.parse_env(args.env), pip=args.pip,
+                            excludes=[*jobs.DEFAULT_EXCLUDES, *args.exclude])
+    config = jobs.config_in_working_dir(args.config, root) if args.config else None
+    stage_args = [a for a in args.overrides if "=" not in a]  # e.g. `bench rollout`
+    if args.quick:
+        if args.stage != "run":
+            raise jobs.JobError("--quick is an option of `run` only")
+        stage_args.append("--quick")
+    overrides = [a for a in args.overrides if "=" in a]
+    argv = jobs.stage_command(args.stage, config, overrides, stage_args)
+    if not args.no_check:
+        check_command(argv, root)
+
+    client = jobs.JobClient(args.address)
+    submission_id = client.submit(
+        argv, renv, submission_id=args.submission_id,
+        metadata={"rlhf_stage": args.stage, "rlhf_config": config or ""},
+        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+    )
+    print(submission_id, flush=True)
+    _say(f"submitted `{args.stage}` to {client.address} as {submission_id}")
+    _say(f"  command: {jobs.display_command(argv)}")
+    for line in jobs.describe_runtime_env(renv):
+        _say(f"  {line}")
+    _say(f"  follow: rlhf jobs logs {submission_id} --follow --address {client.address}")
+    if args.no_wait:
+        return 0
+    if args.follow:
+        client.follow(submission_id, sys.stdout)
+    return _finish(client.wait(submission_id, timeout_s=args.timeout, on_change=None if args.follow else _on_change))
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    client = jobs.JobClient(args.address)
+    if args.action == "status":
+        if args.wait:
+            return _finish(client.wait(args.submission_id, timeout_s=args.timeout, on_change=_on_change))
+        _print_info(client.info(args.submission_id))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            client.follow(args.submission_id, sys.stdout)
+        else:
+            sys.stdout.write(client.logs(args.submission_id))
+        return 0
+    if args.action == "stop":
+        if not client.stop(args.submission_id):
+            _say(f"job {args.submission_id} was not running")
+        if args.no_wait:
+            return 0
+        info = client.wait(args.submission_id, timeout_s=args.timeout)
+        print(f"{info.submission_id}: {info.status}")
+        return 0
+    rows = [(j.submission_id, j.status, j.metadata.get("rlhf_stage", "-"), _when(j.start_time), j.masked_entrypoint)
+            for j in client.list()]
+    header = ("SUBMISSION ID", "STATUS", "STAGE", "STARTED", "COMMAND")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    """Run `rlhf submit ...` or `rlhf jobs ...`; user errors are printed, exit status 2."""
+    from cluster.jobs import JobError
+
+    try:
+        return _submit(args) if args.command == "submit" else _jobs(args)
+    except (JobError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
