@@ -6,3 +6,27 @@ Tensors are ``(batch, seq)`` with an ``action_mask`` marking the response tokens
 from rlhf.algorithms.logprobs import causal_lm_logprobs, logprob_diff, token_logprobs
 
 __all__ = ["causal_lm_logprobs", "logprob_diff", "token_logprobs"]
+
+# PPO with a KL penalty: kl.py (KL estimators, controllers), rewards.py (scores -> token rewards),
+# advantages.py (estimator registry, whitening), losses.py (the PPO loss), batching.py (epochs, micro-batches).
+from rlhf.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS, compute_advantages, gae, grpo, needs_critic, reinforce_plus_plus, rloo, whiten,
+)
+from rlhf.algorithms.batching import MicroBatch, mean_stats, micro_batches, ppo_schedule
+from rlhf.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller
+from rlhf.algorithms.losses import (
+    entropy_from_logits, kl_loss, masked_mean, policy_loss, ptx_loss, total_policy_loss, value_loss,
+)
+from rlhf.algorithms.rewards import (
+    clip_scores, length_and_eos_penalty, normalize_scores, process_scores, shape_rewards,
+)
+
+__all__ += [
+    "ADVANTAGE_ESTIMATORS", "compute_advantages", "gae", "grpo", "needs_critic",
+    "reinforce_plus_plus", "rloo", "whiten",
+    "MicroBatch", "mean_stats", "micro_batches", "ppo_schedule",
+    "AdaptiveKLController", "FixedKLController", "kl_estimate", "make_kl_controller",
+    "entropy_from_logits", "kl_loss", "masked_mean", "policy_loss", "ptx_loss", "total_policy_loss",
+    "value_loss",
+    "clip_scores", "length_and_eos_penalty", "normalize_scores", "process_scores", "shape_rewards",
+]
