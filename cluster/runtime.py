@@ -27,13 +27,19 @@ def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        # rlhf/__init__.py pinned node-IP detection to loopback for local runs; a cluster needs the real one.
-        from ray._private import ray_constants
+        # rlhf/__init__.py pinned node-IP detection to loopback for local runs; a real cluster needs
+        # the machine's address, but a head on loopback (tests, a laptop) must keep 127.0.0.1.
+        host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = True
+            ray_constants.ENABLE_RAY_CLUSTER = True
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     ray.init(
+        # "local": always a fresh instance. Without it ray.init() joins whatever cluster `ray start`
+        # last started on this machine (someone else's, say) and competes for its resources.
+        address="local",
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         include_dashboard=False,
