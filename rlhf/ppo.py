@@ -122,6 +122,7 @@ class PPOTrainer:
         from rlhf.models import load_tokenizer, resolve_model_path
 
         check_config(cfg)
+        started = time.perf_counter()
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         start_from = Path(cfg.resume_from) if cfg.resume_from else None
@@ -141,6 +142,7 @@ class PPOTrainer:
         self.use_critic = needs_critic(cfg.ppo.advantage)
 
         init_ray(cfg.ray)
+        log.info("ppo: Ray ready in %.1f s", time.perf_counter() - started)
         place = cfg.placement
         # One bundle per model replica; colocated roles share a bundle (and split its CPUs).
         roles = ["policy"] * cfg.policy_workers + (["critic"] * cfg.critic_workers if self.use_critic else [])
@@ -162,6 +164,7 @@ class PPOTrainer:
             gpus_per_engine=place.gpus_per_actor, strategy=place.strategy,
             resource_timeout_s=cfg.ray.resource_timeout_s, seed=cfg.seed,
         )
+        log.info("ppo: %d rollout engine(s) ready in %.1f s", len(self.engines), time.perf_counter() - started)
         p0 = slots["policy"][0]
         self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=self.placement_group,
                                    bundle_indices=slots["policy"], num_cpus=fraction(p0, place.cpus_per_actor),
@@ -186,11 +189,13 @@ class PPOTrainer:
         self.reference = inference_actor(ReferenceModel, "reference").remote(cfg.model, base_path)
         self.reward = inference_actor(RewardScorer, "reward").remote(cfg.reward, cfg.model.dtype)
         ray.get(setups)
+        log.info("ppo: learners ready in %.1f s", time.perf_counter() - started)
         if cfg.rollout.weight_sync == "broadcast":
             rank0 = self.policy.actors[0]
             host, port, world = ray.get(rank0.open_weight_broadcast.remote(len(self.engines)))
             ray.get(self.engines.join_weight_group(host, port, world) + [rank0.connect_weight_broadcast.remote()])
         self.reward_stats = ray.get(self.reward.stats.remote())
+        log.info("ppo: all actors ready in %.1f s", time.perf_counter() - started)
 
         self.kl_controller = make_kl_controller(cfg.ppo.kl)
         self.iteration = 0
