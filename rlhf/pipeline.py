@@ -28,11 +28,12 @@ QUICK_OVERRIDES = [
     "output_dir=runs/quick",
     "sft.data.max_records=128", "sft.optim.epochs=1", "sft.optim.learning_rate=1e-3", "sft.optim.batch_size=8",
     "sft.scaling.workers=1", "sft.scaling.cpus_per_worker=1", "sft.sample_prompts=[]",
-    "pairs.data.max_records=64", "pairs.rollout.sampling.max_new_tokens=24",
+    # HF generate starts instantly and is fast on the tiny model; PPO keeps its vLLM engine.
+    "pairs.data.max_records=64", "pairs.rollout.sampling.max_new_tokens=24", "pairs.rollout.backend=hf",
     "rm.optim.learning_rate=1e-3", "rm.optim.batch_size=8", "rm.scaling.workers=1",
     "ppo.steps=4", "ppo.rollout.sampling.max_new_tokens=24", "ppo.ppo.rollout_batch_size=8",
     "ppo.ppo.policy_learning_rate=1e-4", "ppo.ppo.critic_learning_rate=1e-4",
-    "eval.max_prompts=16", "eval.sampling.max_new_tokens=24",
+    "eval.max_prompts=16", "eval.sampling.max_new_tokens=24", "eval.backend=hf",
 ]
 
 
