@@ -36,13 +36,18 @@ def select_pairs(prompts: list[str], messages: list[list[dict]], responses: list
                  scores: list[list[float]], *, min_score_gap: float = 0.0) -> tuple[list[Pair], Counter]:
     """For each prompt, the highest-scored response is chosen and the lowest rejected.
 
-    A prompt yields no pair when its best and worst responses are the same text or their scores differ
-    by no more than ``min_score_gap``; the returned counter says how many were dropped and why.
+    Empty responses are left out (a record needs text on both sides). A prompt yields no pair when
+    fewer than two non-empty responses remain, when its best and worst are the same text, or when
+    their scores differ by no more than ``min_score_gap``; the counter says how many and why.
     """
     pairs, dropped = [], Counter()
     for prompt, convo, texts, values in zip(prompts, messages, responses, scores):
-        best = max(range(len(texts)), key=lambda i: values[i])
-        worst = min(range(len(texts)), key=lambda i: values[i])
+        candidates = [i for i, text in enumerate(texts) if text.strip()]
+        if len(candidates) < 2:
+            dropped["fewer than 2 non-empty responses"] += 1
+            continue
+        best = max(candidates, key=lambda i: values[i])
+        worst = min(candidates, key=lambda i: values[i])
         if texts[best].strip() == texts[worst].strip():
             dropped["identical responses"] += 1
         elif values[best] - values[worst] <= min_score_gap:
