@@ -36,8 +36,9 @@ class Learner:
 
     def init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int,
                          threads: int | None = None) -> None:
+        # Ray shows each GPU actor only its own device, so the local rank is always 0.
         os.environ.update({
-            "RANK": str(rank), "LOCAL_RANK": "0" if not torch.cuda.is_available() else os.environ.get("LOCAL_RANK", "0"),
+            "RANK": str(rank), "LOCAL_RANK": "0",
             "WORLD_SIZE": str(world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
         })
         if not torch.cuda.is_available():
@@ -120,7 +121,6 @@ class LearnerGroup:
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, bundle_indices[rank]),
-                name=None,
             ).remote()
             for rank in range(world_size)
         ]
