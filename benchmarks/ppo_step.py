@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import ray
+
+    from rlhf.paths import write_atomic
     from rich.console import Console
     from rich.table import Table
 
@@ -84,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(table)
     print(f"startup (actors, engines, models): {startup_s:.1f} s")
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": args.model, "advantage": args.advantage, "prompts": args.prompts, "samples": args.samples,
         "max_new_tokens": args.max_new_tokens, "weight_sync": args.weight_sync, "steps_measured": len(measured),
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"weight_sync_share_below": 0.05, "overhead_share_below": 0.10},
         "per_step": [{k: v for k, v in r.items() if k.startswith("timing/")} for r in records],
     }
-    tmp_out = output.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2))
-    tmp_out.replace(output)
+    output = write_atomic(args.output, json.dumps(payload, indent=2))
     print(f"wrote {output}")
     return 0
 

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.runtime import init_ray
     from rlhf.config import RayConfig
+    from rlhf.paths import write_atomic
 
     init_ray(RayConfig(num_cpus=int(args.cpus)))
     results = []
@@ -113,13 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["stage"], str(r["workers"]), str(r["zero_stage"]), f"{r['tokens_per_s']:.0f}", f"{r['wall_s']:.0f}")
     Console().print(table)
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                "max_length": args.max_length, "cpus": args.cpus, "results": results, "ratios": ratios}
-    tmp_out = output.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2))
-    tmp_out.replace(output)
+    output = write_atomic(args.output, json.dumps(payload, indent=2))
     print(f"wrote {output}")
     return 0
 

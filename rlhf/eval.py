@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import EvalConfig, ModelConfig, RolloutConfig, save_config
+from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.eval")
 
@@ -163,7 +164,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def write_report(result: dict, out: Path, ppo_metrics: str | None = None) -> None:
     """eval.json, eval.md and eval.png, each written to a temp name first."""
     scores = result.pop("_scores")
-    _atomic_write(out / "eval.json", json.dumps(result, indent=2))
+    write_atomic(out / "eval.json", json.dumps(result, indent=2))
 
     def fmt(value, ci=None):
         if value is None:
@@ -188,7 +189,7 @@ def write_report(result: dict, out: Path, ppo_metrics: str | None = None) -> Non
     for sample in result["samples"][:10]:
         cells = [sample["prompt"], sample["before"], sample["after"]]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ")[:300] for c in cells) + " |")
-    _atomic_write(out / "eval.md", "\n".join(lines) + "\n")
+    write_atomic(out / "eval.md", "\n".join(lines) + "\n")
     plot(scores, out / "eval.png", ppo_metrics)
 
 
@@ -226,13 +227,6 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=110)
     plt.close(figure)
-    tmp.replace(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
     tmp.replace(path)
 
 
