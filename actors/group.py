@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -56,22 +55,12 @@ class Learner:
         """DeepSpeed engine with an AdamW of ``learning_rate``; batch shape and clipping from ``algo``."""
         import deepspeed
 
-        micro_batch_size, grad_accum = algo.micro_batch_size, algo.grad_accum
+        from rlhf.training import deepspeed_config
+
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-        zero: dict[str, Any] = {"stage": ds.zero_stage}
-        if ds.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": grad_accum,
-            "train_batch_size": micro_batch_size * grad_accum * self.world_size,
-            "gradient_clipping": algo.max_grad_norm,
-            "zero_optimization": zero,
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 10**9,
-            **ds.extra,
-        }
+        config = deepspeed_config(ds, micro_batch_size=algo.micro_batch_size, grad_accum=algo.grad_accum,
+                                  max_grad_norm=algo.max_grad_norm, world=self.world_size, bf16=bf16)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.zero_stage = ds.zero_stage
 

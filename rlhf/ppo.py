@@ -28,6 +28,7 @@ from rlhf.algorithms import (
 )
 from rlhf.config import ConfigError, PPOConfig, save_config
 from rlhf.data.formats import last_user_text
+from rlhf.data.split import epoch_permutation
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -58,8 +59,7 @@ def batch_indices(iteration: int, n_items: int, batch_size: int, seed: int) -> l
     order depends only on (seed, iteration) and a resumed run sees the same next batch."""
     per_epoch = max(1, n_items // batch_size)
     epoch, offset = divmod(iteration, per_epoch)
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size].tolist()
+    return epoch_permutation(n_items, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
 
 
 def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tensor, values: torch.Tensor | None,

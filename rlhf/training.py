@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from rlhf.config import DeepSpeedConfig, OptimConfig, SFTConfig, RMConfig
+from rlhf.data.split import epoch_permutation
 
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "state"
@@ -95,23 +96,25 @@ def micro_batch_indices(step: int, *, n_items: int, seed: int, batch_size: int, 
     global_batch = batch_size * grad_accum * world
     per_epoch = steps_per_epoch(n_items, global_batch)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    chunk = order[offset * global_batch:(offset + 1) * global_batch].tolist()
+    order = epoch_permutation(n_items, seed, epoch)
+    chunk = order[offset * global_batch:(offset + 1) * global_batch]
     return [
         chunk[(m * world + rank) * batch_size:(m * world + rank + 1) * batch_size] for m in range(grad_accum)
     ]
 
 
-def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, *, world: int, bf16: bool) -> dict:
-    """Our config mapped onto DeepSpeed's; ``ds.extra`` is merged last, verbatim."""
+def deepspeed_config(ds: DeepSpeedConfig, *, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
+                     world: int, bf16: bool) -> dict:
+    """Our config mapped onto DeepSpeed's; ``ds.extra`` is merged last, verbatim. Shared by the Ray
+    Train stages and the PPO learners."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {
-        "train_micro_batch_size_per_gpu": optim.batch_size,
-        "gradient_accumulation_steps": optim.grad_accum,
-        "train_batch_size": optim.batch_size * optim.grad_accum * world,
-        "gradient_clipping": optim.max_grad_norm,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world,
+        "gradient_clipping": max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # we log ourselves
@@ -281,7 +284,9 @@ def train_loop(job: dict) -> None:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg.deepspeed, optim, world=ctx.world, bf16=cfg.model.dtype == "bfloat16"),
+        config=deepspeed_config(cfg.deepspeed, micro_batch_size=optim.batch_size, grad_accum=optim.grad_accum,
+                                max_grad_norm=optim.max_grad_norm, world=ctx.world,
+                                bf16=cfg.model.dtype == "bfloat16"),
     )
 
     start_step = 0

@@ -67,3 +67,11 @@ def phase_split(items: Sequence[T], spec: str = "2,4,4", *, phase: int, seed: in
     random.Random(seed).shuffle(order)
     start, end = phase_bounds(len(items), spec)[phase]
     return [items[i] for i in sorted(order[start:end])]
+
+
+def epoch_permutation(n_items: int, seed: int, epoch: int) -> list[int]:
+    """The order of ``n_items`` in epoch ``epoch``: a fresh permutation seeded by (seed, epoch), so a
+    run's data order is a function of its seed and position alone (resume sees the same batches)."""
+    import torch
+
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
