@@ -36,6 +36,11 @@ def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -
             ray_constants.ENABLE_RAY_CLUSTER = True
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    # Keep a local Ray on loopback even when ray was imported before rlhf (which sets the variable
+    # Ray reads at import: see rlhf/__init__.py).
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         # "local": always a fresh instance. Without it ray.init() joins whatever cluster `ray start`
         # last started on this machine (someone else's, say) and competes for its resources.

@@ -4,6 +4,7 @@
     rlhf models tiny OUT              write a tiny random Llama for tests and quick demos
     rlhf config show STAGE [-c FILE] [KEY=VALUE ...]
     rlhf STAGE -c FILE [KEY=VALUE ...]     STAGE: sft, rm, pairs, ppo, serve, eval, run
+    rlhf serve MODEL_DIR [--host H] [--port P]   (and `rlhf serve --stop`)
     rlhf bench rollout [-c FILE] [KEY=VALUE ...]
 
 Overrides are dotted keys: ``rlhf ppo -c configs/demo.yaml ppo.kl.coef=0.05 output_dir=runs/x``.
@@ -73,9 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
         _add_stage_args(stage_parser)
         if stage == "run":
             stage_parser.add_argument("--quick", action="store_true", help="the tiny-model preset (minutes)")
+        if stage == "serve":
+            stage_parser.usage = "rlhf serve [MODEL_DIR] [-c FILE] [--host H] [--port P] [--stop] [KEY=VALUE ...]"
+            stage_parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+            stage_parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+            stage_parser.add_argument("--stop", action="store_true", help="stop the server this config started")
     from rlhf.cli_jobs import add_job_commands
     add_job_commands(commands)
     return parser
+
+
+def _serve_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """`rlhf serve MODEL_DIR --host H --port P` as overrides: the one word without '=' is the model."""
+    bare = [o for o in overrides if "=" not in o]
+    if len(bare) > 1:
+        raise ConfigError(f"rlhf serve takes one MODEL_DIR, got {len(bare)}: {' '.join(bare)}")
+    overrides = [f"model.path={o}" if "=" not in o else o for o in overrides]
+    if args.host is not None:
+        overrides.append(f"host={args.host}")
+    if args.port is not None:
+        overrides.append(f"port={args.port}")
+    return overrides
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
@@ -84,7 +103,13 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         from rlhf.pipeline import QUICK_OVERRIDES
 
         overrides = QUICK_OVERRIDES + overrides
+    if stage == "serve":
+        overrides = _serve_overrides(args, overrides)
     cfg = load_config(stage, args.config, overrides)
+    if stage == "serve" and args.stop:
+        from rlhf.serve import stop
+
+        return 0 if stop(cfg) else 1
     try:
         module = importlib.import_module(STAGE_MODULES[stage])
     except ModuleNotFoundError as exc:

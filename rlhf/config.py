@@ -362,20 +362,30 @@ class PPOConfig(StageConfig):
 class ServeConfig(StageConfig):
     """`rlhf serve`: an OpenAI-compatible HTTP API on Ray Serve."""
 
-    output_dir: str = "runs/serve"
+    output_dir: str = Field("runs/serve", description="where the running server writes serve.json (pid, url)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     model_name: str | None = Field(None, description="name clients use; defaults to the folder name")
-    adapter_path: str | None = Field(None, description="a LoRA adapter to serve on top of the model")
-    backend: Literal["vllm", "hf"] = "vllm"
-    host: str = "127.0.0.1"
+    adapter_path: str | None = Field(None, description="a LoRA adapter (peft folder) served merged into the model")
+    backend: Literal["auto", "vllm", "hf"] = Field("auto", description="auto: vLLM when installed, else HF generate")
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback exposes the API")
     port: int = Field(8000, gt=0, lt=65536)
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (or $RLHF_API_KEY)")
-    min_replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound (equal bounds: a fixed count)")
     max_replicas: int = Field(1, gt=0)
-    target_ongoing_requests: int = Field(8, gt=0)
+    target_ongoing_requests: int = Field(8, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int = Field(64, gt=0, description="requests a replica takes at once; more wait")
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
-    max_model_len: int = Field(2048, gt=0)
+    max_model_len: int = Field(2048, gt=0, description="context limit (capped by the model's own)")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache per replica")
+    request_timeout_s: float = Field(300.0, gt=0, description="the proxy ends requests that take longer")
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
 
 
 class EvalConfig(StageConfig):

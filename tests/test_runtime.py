@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -50,3 +51,23 @@ def test_missing_gpu_is_named_at_once(ray_local):
 def test_too_many_cpus(ray_local):
     with pytest.raises(ResourceError, match=r"two engines needs CPU 3 in 2 bundles.*has CPU 2: missing CPU 1"):
         check_resources([{"CPU": 1.5}, {"CPU": 1.5}], what="two engines")
+
+
+def test_local_ray_stays_on_loopback_when_ray_is_imported_first():
+    """Ray reads its cluster switch at import; a script that imports ray before rlhf (benchmarks did)
+    must still get a loopback-only local Ray."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ray\n"
+        "from cluster.runtime import init_ray\n"
+        "from rlhf.config import RayConfig\n"
+        "init_ray(RayConfig(num_cpus=1))\n"
+        "print('NODES', [n['NodeManagerAddress'] for n in ray.nodes()])\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "NODES ['127.0.0.1']" in done.stdout

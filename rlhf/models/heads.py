@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.config import ModelConfig
-from rlhf.models.loading import ModelLoadError, _check_source, pick_device, resolve_model_path, torch_dtype
+from rlhf.models.loading import ModelLoadError, check_model_source, pick_device, resolve_model_path, torch_dtype
 
 
 def load_scalar_model(cfg: ModelConfig, *, path: str | None = None, device: str | None = None):
@@ -18,7 +18,7 @@ def load_scalar_model(cfg: ModelConfig, *, path: str | None = None, device: str 
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_path(path or cfg.path)
-    _check_source(source)
+    check_model_source(source)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source,

@@ -43,7 +43,8 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def _check_source(path: str) -> None:
+def check_model_source(path: str) -> None:
+    """A path that looks local must be a Hugging Face model folder (hub ids pass)."""
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
@@ -57,7 +58,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path)
-    _check_source(path)
+    check_model_source(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -73,7 +74,7 @@ def load_causal_lm(cfg: ModelConfig, *, path: str | None = None, device: str | N
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_path(path or cfg.path)
-    _check_source(source)
+    check_model_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,

@@ -1,0 +1,270 @@
+"""The serve app: an OpenAI-compatible HTTP API over the aligned model, on Ray Serve.
+
+Each replica of :class:`OpenAIServer` holds one generation engine (vLLM, or HF ``generate`` where vLLM
+is absent; rlhf/inference.py) and answers ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/models`` and ``/health``. Request formats and errors live in rlhf/openai_api.py; the stage that
+starts and stops the app (``rlhf serve``) in rlhf/serve.py. Replica count, autoscaling and
+resources come from :class:`~rlhf.config.ServeConfig` (:func:`build_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from rlhf import openai_api as api
+from rlhf.config import ModelConfig, ServeConfig
+from rlhf.inference import Delta, HFStreamer, VLLMStreamer, one_completion
+
+log = logging.getLogger("rlhf.serve")
+
+API_KEY_ENV = "RLHF_API_KEY"
+
+app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None)
+
+
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """The key clients must send: the config's, else $RLHF_API_KEY, else none (no check)."""
+    return cfg.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def model_name(cfg: ServeConfig) -> str:
+    return cfg.model_name or Path(cfg.model.path.rstrip("/")).name or cfg.model.path
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'vllm' when vLLM is installed, else 'hf'."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def merge_adapter(model: ModelConfig, adapter_path: str, out_dir: str) -> str:
+    """Base model + LoRA adapter -> one merged Hugging Face folder (safetensors) in ``out_dir``, so
+    any engine can serve it."""
+    from peft import PeftModel
+
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    base_path = resolve_model_path(model.path)
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter_path {adapter_path}: no adapter_config.json (expected a peft adapter folder)")
+    base = load_causal_lm(model, path=base_path, device="cpu")
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(base_path, trust_remote_code=model.trust_remote_code).save_pretrained(out_dir)
+    return out_dir
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIServer:
+    """One replica: an engine plus the HTTP routes."""
+
+    def __init__(self, cfg: dict):
+        from rlhf.data.tokenize import has_chat_template
+        from rlhf.models import load_tokenizer, resolve_model_path
+
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.name = model_name(self.cfg)
+        self.api_key = resolve_api_key(self.cfg)
+        self.created = int(time.time())
+        model = self.cfg.model
+        path = resolve_model_path(model.path)
+        if self.cfg.adapter_path:
+            path = merge_adapter(model, self.cfg.adapter_path, tempfile.mkdtemp(prefix="rlhf-serve-merged-"))
+        self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
+        self.chat_template = has_chat_template(self.tokenizer)
+        self.max_model_len = self._model_limit(path)
+        if resolve_backend(self.cfg.backend) == "vllm":
+            self.engine = VLLMStreamer(path, dtype=model.dtype, max_model_len=self.max_model_len,
+                                       kv_cache_gib=self.cfg.kv_cache_gib, seed=self.cfg.seed,
+                                       trust_remote_code=model.trust_remote_code)
+        else:
+            self.engine = HFStreamer(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+        log.info("replica ready: %s on %s, context %d tokens", self.name, self.engine.name, self.max_model_len)
+
+    def _model_limit(self, path: str) -> int:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.cfg.model.trust_remote_code)
+        trained = getattr(config, "max_position_embeddings", None) or self.cfg.max_model_len
+        return min(self.cfg.max_model_len, trained)
+
+    # Checks shared by the routes ---------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise api.APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code="invalid_api_key")
+
+    def _check_model(self, request: api._Request) -> None:
+        if request.model != self.name:
+            raise api.APIError(404, f"model '{request.model}' does not exist; this server serves '{self.name}'",
+                               param="model", code="model_not_found")
+
+    def _max_tokens(self, request: api._Request, prompt_tokens: int) -> int:
+        room = self.max_model_len - prompt_tokens
+        wanted = request.requested_max_tokens
+        if room < 1:
+            raise api.APIError(400, f"the prompt has {prompt_tokens} tokens; this model's context is "
+                               f"{self.max_model_len} tokens", code="context_length_exceeded",
+                               param="messages" if isinstance(request, api.ChatRequest) else "prompt")
+        if wanted is None:
+            return min(self.cfg.default_max_tokens, room)
+        if wanted > room:
+            raise api.APIError(400, f"max_tokens is {wanted}, but the prompt ({prompt_tokens} tokens) leaves room "
+                               f"for at most {room} in this model's context of {self.max_model_len} tokens",
+                               param="max_tokens", code="context_length_exceeded")
+        return wanted
+
+    def _chat_prompt_ids(self, request: api.ChatRequest) -> list[int]:
+        from rlhf.data.tokenize import render_prompt
+
+        text = render_prompt(self.tokenizer, [m.model_dump() for m in request.messages])
+        return self.tokenizer(text, add_special_tokens=not self.chat_template).input_ids
+
+    # Routes -------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.name, "backend": self.engine.name}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        return await self._answer(request, lambda: api.models_response(self.name, self.created))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        async def handle():
+            body = api.parse_request(await request.body(), api.ChatRequest)
+            self._check_model(body)
+            prompt_ids = self._chat_prompt_ids(body)
+            return await self._complete(body, [prompt_ids], chat=True)
+        return await self._answer(request, handle)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        async def handle():
+            body = api.parse_request(await request.body(), api.CompletionRequest)
+            self._check_model(body)
+            prompts = [self.tokenizer(p).input_ids for p in body.prompts]
+            return await self._complete(body, prompts, chat=False)
+        return await self._answer(request, handle)
+
+    async def _answer(self, request: Request, handle):
+        """Run a route's handler; APIErrors become OpenAI error bodies with their status."""
+        try:
+            self._authorize(request)
+            result = handle()
+            if asyncio.iscoroutine(result):
+                result = await result
+        except api.APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        return result if not isinstance(result, dict) else JSONResponse(result)
+
+    # Generation ---------------------------------------------------------------------------------
+
+    async def _complete(self, body: api._Request, prompts: list[list[int]], *, chat: bool):
+        """Choices are prompt-major: prompt ``p``'s completions are ``p * n ... p * n + n - 1``."""
+        longest = max(len(ids) for ids in prompts)
+        sampling = body.sampling(self._max_tokens(body, longest))
+        jobs = [(ids, one_completion(sampling, j)) for ids in prompts for j in range(body.n)]
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        request_id = api.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return StreamingResponse(self._stream_events(request_id, body, jobs, prompt_tokens, chat=chat),
+                                     media_type="text/event-stream")
+        results = await asyncio.gather(*(self._collect(ids, s) for ids, s in jobs))
+        texts = [(text, reason) for text, reason, _ in results]
+        if not chat and getattr(body, "echo", False):
+            texts = [(self.tokenizer.decode(jobs[i][0]) + text, reason) for i, (text, reason) in enumerate(texts)]
+        usage = api.usage(prompt_tokens, sum(tokens for _, _, tokens in results))
+        build = api.chat_response if chat else api.completion_response
+        return build(request_id, body.model, texts, usage)
+
+    async def _collect(self, prompt_ids: list[int], sampling) -> tuple[str, str, int]:
+        text, tokens, reason = [], 0, "length"
+        async for delta in self.engine.stream(prompt_ids, sampling):
+            text.append(delta.text)
+            tokens += delta.tokens
+            reason = delta.finish_reason or reason
+        return "".join(text), reason, tokens
+
+    async def _stream_events(self, request_id: str, body: api._Request, jobs: list, prompt_tokens: int, *,
+                             chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: every choice's deltas as they come (interleaved), then [DONE].
+        A client that disconnects cancels this generator, which aborts its engine requests."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt_ids: list[int], sampling) -> None:
+            try:
+                async for delta in self.engine.stream(prompt_ids, sampling):
+                    await events.put((index, delta))
+            except Exception as exc:
+                await events.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, ids, s)) for i, (ids, s) in enumerate(jobs)]
+        completion_tokens, open_choices = 0, len(jobs)
+        try:
+            if chat:
+                for index in range(len(jobs)):
+                    yield api.sse(api.chat_chunk(request_id, body.model, index, role=True, text=""))
+            while open_choices:
+                index, item = await events.get()
+                if isinstance(item, Exception):
+                    log.error("generation failed in a stream: %r", item)
+                    yield api.sse(api.APIError(500, f"generation failed: {item}", type="server_error").body())
+                    return
+                delta: Delta = item
+                completion_tokens += delta.tokens
+                if delta.finish_reason is not None:
+                    open_choices -= 1
+                if chat:
+                    yield api.sse(api.chat_chunk(request_id, body.model, index, text=delta.text or None,
+                                                 finish_reason=delta.finish_reason))
+                else:
+                    yield api.sse(api.completion_chunk(request_id, body.model, index, text=delta.text,
+                                                       finish_reason=delta.finish_reason))
+            if body.stream_options and body.stream_options.include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield api.sse(api.usage_chunk(request_id, body.model, obj, api.usage(prompt_tokens, completion_tokens)))
+            yield api.sse("[DONE]")
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application for ``cfg``: replicas, autoscaling and resources from the config."""
+    scaling: dict = (
+        {"num_replicas": cfg.min_replicas} if cfg.min_replicas == cfg.max_replicas
+        else {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                     "target_ongoing_requests": cfg.target_ongoing_requests}}
+    )
+    resources = {"num_cpus": cfg.cpus_per_replica, **({"num_gpus": cfg.gpus_per_replica} if cfg.gpus_per_replica else {})}
+    threads = str(max(1, int(cfg.cpus_per_replica)))
+    return OpenAIServer.options(
+        name="OpenAIServer",
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={**resources, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads,
+                                                                     "TOKENIZERS_PARALLELISM": "false"}}},
+        **scaling,
+    ).bind(cfg.model_dump(mode="json"))

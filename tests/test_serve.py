@@ -1,0 +1,270 @@
+"""`rlhf serve`: the real Ray Serve app on a free loopback port, driven by the official openai client
+and raw HTTP. One server (tiny model + a LoRA adapter, API key on) is started for the module by the
+CLI in a subprocess, and stopped at the end with SIGINT, as a user's Ctrl-C would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+API_KEY = "test-key-123"
+NAME = "tiny-aligned"
+CHAT = [{"role": "user", "content": "Say something nice."}]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter with non-zero weights, so serving it changes what the model says."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapter_dir, tmp_path_factory):
+    """``rlhf serve`` in a subprocess; yields (base url, process, output dir)."""
+    from rlhf.serve import free_port, spawn
+
+    out = tmp_path_factory.mktemp("serve")
+    process, url = spawn([str(tiny_model_dir), f"adapter_path={adapter_dir}", f"model_name={NAME}",
+                          f"api_key={API_KEY}", "ray.num_cpus=2"], out, port=free_port(), log_path=out / "server.log")
+    yield url, process, out
+    if process.poll() is None:  # the stop test did not run or failed
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def merged_model(tiny_model_dir, adapter_dir):
+    """The same base + adapter, merged in plain transformers: what the server should say."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
+
+
+def greedy_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(prompt_ids):].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def chat_prompt_ids(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# The openai client
+# --------------------------------------------------------------------------------------------------
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_chat_greedy_matches_the_merged_model(client, merged_model, tiny_tokenizer, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompt_ids = chat_prompt_ids(tiny_tokenizer)
+    expected, expected_tokens = greedy_text(merged_model, tiny_tokenizer, prompt_ids, 12)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert greedy_text(base, tiny_tokenizer, prompt_ids, 12)[0] != expected, "the adapter must change the output"
+
+    reply = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens == expected_tokens
+    assert reply.usage.total_tokens == len(prompt_ids) + expected_tokens
+
+
+def test_chat_stream_gives_the_same_text(client):
+    whole = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=12, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == whole.choices[0].message.content
+    assert reasons == [whole.choices[0].finish_reason]
+    assert len([c for c in chunks if c.choices]) > 2, "streaming should deliver several deltas"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_n_seed_and_stream(client):
+    first = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10, n=3, seed=7, temperature=1.0)
+    again = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10, n=3, seed=7, temperature=1.0)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)], "same seed, same samples"
+    assert len(set(texts)) > 1, "three seeded samples should differ"
+    assert first.usage.completion_tokens == 30 or first.usage.completion_tokens < 30  # EOS may end one early
+    assert first.usage.completion_tokens > 0
+
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10, n=3, seed=7,
+                                           temperature=1.0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(3)] == texts
+
+
+def test_stop_string_ends_the_completion(client):
+    whole = client.completions.create(model=NAME, prompt="Hello", max_tokens=16, temperature=0).choices[0].text
+    if len(whole) < 4:
+        pytest.skip("greedy text too short to cut")
+    stop = whole[2:4]
+    cut = client.completions.create(model=NAME, prompt="Hello", max_tokens=16, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == whole[: whole.index(stop)]
+
+
+def test_concurrent_requests_all_succeed(server):
+    import asyncio
+
+    async def one(http: httpx.AsyncClient, i: int) -> int:
+        response = await http.post("/v1/completions", json={"model": NAME, "prompt": f"Number {i}", "max_tokens": 8})
+        return response.status_code
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=server[0], headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(16)))
+
+    assert asyncio.run(main()) == [200] * 16
+
+
+def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server[0], headers=headers, timeout=60) as http:
+        with http.stream("POST", "/v1/completions",
+                         json={"model": NAME, "prompt": "Hi", "max_tokens": 500, "stream": True}) as stream:
+            first = next(stream.iter_lines())
+            assert first.startswith("data: ")
+        # The abandoned request is aborted in the engine; the next one is answered as usual.
+        reply = http.post("/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 4})
+        assert reply.status_code == 200
+        assert reply.json()["usage"]["completion_tokens"] <= 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Auth and bad requests (raw HTTP)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                                     {"Authorization": "Basic " + API_KEY}])
+def test_requests_without_the_right_key_get_401(server, headers):
+    for method, path, body in (("GET", "/v1/models", None),
+                               ("POST", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 2})):
+        response = httpx.request(method, server[0] + path, json=body, headers=headers, timeout=30)
+        assert response.status_code == 401, (path, headers, response.text)
+        assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_openai_client_with_a_wrong_key_raises(server):
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=server[0] + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_health_needs_no_key(server):
+    response = httpx.get(server[0] + "/health", timeout=30)
+    assert response.status_code == 200 and response.json()["model"] == NAME
+
+
+CHAT_OK = {"model": NAME, "messages": CHAT, "max_tokens": 4}
+BAD_REQUESTS = [
+    # (endpoint, raw body, status, param named in the error or None)
+    ("chat", b"{not json", 400, None),
+    ("chat", b"[1, 2]", 400, None),
+    ("chat", b"", 400, None),
+    ("chat", {"model": NAME}, 400, "messages"),
+    ("chat", {"model": NAME, "messages": []}, 400, "messages"),
+    ("chat", {"model": NAME, "messages": "hello"}, 400, "messages"),
+    ("chat", {"model": NAME, "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+    ("chat", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("chat", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ("chat", {**CHAT_OK, "temperature": "hot"}, 400, "temperature"),
+    ("chat", {**CHAT_OK, "temperature": 3}, 400, "temperature"),
+    ("chat", {**CHAT_OK, "n": 0}, 400, "n"),
+    ("chat", {**CHAT_OK, "n": 1000}, 400, "n"),
+    ("chat", {**CHAT_OK, "max_tokens": 0}, 400, "max_tokens"),
+    ("chat", {**CHAT_OK, "max_tokens": "10"}, 400, "max_tokens"),
+    ("chat", {**CHAT_OK, "max_tokens": 10**6}, 400, "max_tokens"),
+    ("chat", {**CHAT_OK, "stream": "yes"}, 400, "stream"),
+    ("chat", {**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("chat", {**CHAT_OK, "top_p": 0}, 400, "top_p"),
+    ("chat", {**CHAT_OK, "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("chat", {**CHAT_OK, "model": "gpt-4"}, 404, "model"),
+    ("completions", {"model": NAME}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": []}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": 42}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": "hi", "seed": 1.5}, 400, "seed"),
+    ("completions", {"model": NAME, "prompt": "hi " * 3000, "max_tokens": 4}, 400, "prompt"),
+    ("completions", {"prompt": "hi"}, 400, "model"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", BAD_REQUESTS,
+                         ids=[f"{i}-{b[0]}-{b[3]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server[0]}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
+                          content=raw, timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping (last: it ends the module's server)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_the_server_cleanly(server):
+    url, process, out = server
+    assert json.loads((out / "serve.json").read_text())["pid"] == process.pid
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=90) == 0, (out / "server.log").read_text()[-3000:]
+    assert not (out / "serve.json").exists()
+    assert "server stopped" in (out / "server.log").read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=5)
