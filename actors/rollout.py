@@ -508,18 +508,24 @@ class RolloutGroup:
     def __init__(self, model: ModelConfig | str, rollout: RolloutConfig | None = None, *,
                  cpus_per_engine: float = 1.0, gpus_per_engine: float = 0.0, strategy: str = "PACK",
                  resource_timeout_s: float = 30.0, seed: int = 0, max_model_len: int | None = None,
-                 gpu_memory_utilization: float | None = None, threads_per_engine: int | None = None):
+                 gpu_memory_utilization: float | None = None, threads_per_engine: int | None = None,
+                 placement_group=None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.runtime import create_placement_group
 
         self.rollout = rollout or RolloutConfig()
         count = self.rollout.engines
-        bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
-        self.placement_group = create_placement_group(
-            [dict(bundle) for _ in range(count)], strategy=strategy, timeout_s=resource_timeout_s,
-            what=f"{count} rollout engine(s)",
-        )
+        # A caller that planned the engines' placement (cluster/placement.py) passes its group, one
+        # bundle per engine, and removes it itself; otherwise the group is made here and owned here.
+        self._owns_group = placement_group is None
+        if placement_group is None:
+            bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
+            placement_group = create_placement_group(
+                [dict(bundle) for _ in range(count)], strategy=strategy, timeout_s=resource_timeout_s,
+                what=f"{count} rollout engine(s)",
+            )
+        self.placement_group = placement_group
         self.engines = [
             RolloutActor.options(
                 num_cpus=cpus_per_engine,
@@ -607,9 +613,9 @@ class RolloutGroup:
         for engine in self.engines:
             ray.kill(engine)
         self.engines = []
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._owns_group:
             remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self.placement_group = None
 
 
 # --------------------------------------------------------------------------------------------------

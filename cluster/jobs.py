@@ -10,6 +10,8 @@ Authentication follows Ray's token mode: when the cluster runs with ``RAY_AUTH_M
 client needs the same mode and the cluster's token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
 ``~/.ray/auth_token``); Ray adds it to every request.
 
+The job's settings come from the config's ``job:`` section (``rlhf.config.JobConfig``: address, working
+dir, env vars, pip packages, excludes) with the command line's options on top (``resolve_job``).
 Pure helpers build the entrypoint and the runtime environment; ``JobClient`` wraps
 ``ray.job_submission.JobSubmissionClient`` with errors that say what to do.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from rlhf.config import SECRET_KEY, mask_secrets
+from rlhf.config import ENV_NAME, SECRET_KEY, JobConfig, mask_secrets
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -53,7 +55,7 @@ def parse_env(items: Iterable[str], environ: dict[str, str] | None = None) -> di
     env: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+        if not ENV_NAME.match(key):
             raise JobError(f"--env {item!r}: expected KEY=VALUE, or KEY to pass on its local value")
         if not sep:
             if key not in environ:
@@ -95,17 +97,41 @@ def display_command(argv: list[str]) -> str:
     return shlex.join(mask_override(a) for a in argv)
 
 
-def runtime_env(working_dir: str | Path, *, env: dict[str, str] | None = None, pip: Iterable[str] = (),
-                excludes: Iterable[str] = DEFAULT_EXCLUDES) -> dict:
-    """The Ray runtime environment of a stage job."""
-    root = Path(working_dir).expanduser().resolve()
+def resolve_job(job: JobConfig, *, address: str | None = None, working_dir: str | None = None,
+                env: Iterable[str] = (), pip: Iterable[str] = (), exclude: Iterable[str] = (),
+                entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
+                environ: dict[str, str] | None = None) -> JobConfig:
+    """A config's ``job:`` section with `rlhf submit`'s options on top: ``address``, ``working_dir`` and
+    the entrypoint resources replace the config's; ``env`` (``--env`` items), ``pip`` and ``exclude`` add
+    to it, an ``--env`` winning over the config's value of the same name. The names in ``job.pass_env``
+    become ``env_vars`` with their local values (so the result's ``pass_env`` is empty)."""
+    environ = os.environ if environ is None else environ
+    missing = [name for name in job.pass_env if name not in environ]
+    if missing:
+        raise JobError(f"job.pass_env: {', '.join(missing)} not set here; set it, or give a value in job.env_vars")
+    passed = {name: environ[name] for name in job.pass_env}
+    return job.model_copy(update={
+        "address": address or job.address,
+        "working_dir": working_dir or job.working_dir,
+        "env_vars": {**job.env_vars, **passed, **parse_env(env, environ)},
+        "pass_env": [],
+        "pip": [*job.pip, *pip],
+        "excludes": [*job.excludes, *exclude],
+        "entrypoint_num_cpus": job.entrypoint_num_cpus if entrypoint_num_cpus is None else entrypoint_num_cpus,
+        "entrypoint_num_gpus": job.entrypoint_num_gpus if entrypoint_num_gpus is None else entrypoint_num_gpus,
+    })
+
+
+def runtime_env(job: JobConfig) -> dict:
+    """The Ray runtime environment of a stage job (``job`` as ``resolve_job`` returns it)."""
+    root = Path(job.working_dir).expanduser().resolve()
     if not root.is_dir():
-        raise JobError(f"working directory {working_dir} does not exist")
-    result: dict = {"working_dir": str(root), "excludes": list(excludes)}
-    if env:
-        result["env_vars"] = dict(env)
-    if pip := list(pip):
-        result["pip"] = pip
+        raise JobError(f"working directory {job.working_dir} does not exist")
+    result: dict = {"working_dir": str(root), "excludes": [*DEFAULT_EXCLUDES, *job.excludes]}
+    if job.env_vars:
+        result["env_vars"] = dict(job.env_vars)
+    if job.pip:
+        result["pip"] = list(job.pip)
     return result
 
 

@@ -12,19 +12,27 @@ for a sliver of it (``NODE_RESOURCE_UNIT``), so Ray can only place them on those
 which node each bundle lands on or raises ``ResourceError`` naming the role and what is missing.
 ``place()`` is the thin Ray part: plan against the live cluster, then create one placement group per
 role through ``cluster.runtime.create_placement_group`` and report where Ray actually put the bundles.
+``place_actors()`` does this for the PPO roles from the ``placement`` config section (per-role bundle
+sizes, node resources and strategies; colocated roles share their host's bundles) and hands back a
+``Slot`` per actor for ``ActorClass.options(**slot.options())``.
 
 Ray waits forever for resources it cannot get; planning first turns that into an immediate error.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 from cluster.runtime import ResourceError, _fmt, create_placement_group
+from rlhf.config import COLOCATION, PlacementConfig, PlacementStrategy
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+log = logging.getLogger("rlhf.placement")
+
+STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 # The node resources the shipped cluster configs (cluster/configs/*.yaml) give their GPU node types.
 TRAIN_NODES = "rlhf_train"  # learners: policy, critic, reference, reward
 ROLLOUT_NODES = "rlhf_rollout"  # vLLM generation engines
@@ -56,22 +64,6 @@ class RoleRequest:
         """The bundles as Ray gets them: with a sliver of the node resource when one is asked for."""
         extra = {self.node_resource: NODE_RESOURCE_UNIT} if self.node_resource else {}
         return [{**{k: float(v) for k, v in b.items() if v}, **extra} for b in self.bundles]
-
-    @classmethod
-    def from_dict(cls, role: str, spec: Mapping[str, Any]) -> RoleRequest:
-        """From a config-like mapping: ``{bundles: 2, cpus: 4, gpus: 1, resources: {}, node_resource:
-        rlhf_train, strategy: PACK}`` (``bundles`` may instead be a list of explicit bundle dicts)."""
-        known = {"bundles", "cpus", "gpus", "resources", "node_resource", "strategy"}
-        unknown = set(spec) - known
-        if unknown:
-            raise ValueError(f"{role}: unknown keys {', '.join(sorted(unknown))}; valid keys: {', '.join(sorted(known))}")
-        bundles = spec.get("bundles", 1)
-        if isinstance(bundles, int):
-            if bundles <= 0:
-                raise ValueError(f"{role}: bundles must be positive, got {bundles}")
-            one = {"CPU": float(spec.get("cpus", 1)), "GPU": float(spec.get("gpus", 0)), **spec.get("resources", {})}
-            bundles = [one] * bundles
-        return cls(role, tuple(dict(b) for b in bundles), spec.get("strategy", "PACK"), spec.get("node_resource"))
 
 
 @dataclass(frozen=True)
@@ -284,3 +276,102 @@ def place(requests: Sequence[RoleRequest], *, timeout_s: float = 30.0, name_pref
         placement.remove()
         raise
     return placement
+
+
+# --------------------------------------------------------------------------------------------------
+# The PPO roles: placement config -> one placement group per role -> a slot per actor
+# --------------------------------------------------------------------------------------------------
+
+# Planning order: the big learner groups first, so they get the roomiest nodes; then the engines, then
+# the single inference actors. A colocated role always comes after the role whose bundles it shares.
+PLAN_ORDER = ("policy", "critic", "rollout", "reference", "reward")
+
+
+def role_layout(cfg: PlacementConfig, replicas: Mapping[str, int]) -> tuple[list[RoleRequest], dict[str, list[tuple[str, int]]]]:
+    """Pure: the placement groups to make, and which bundle each actor of each role runs on.
+
+    ``replicas`` counts the actors of each role (0 or missing: the role does not run). A role gets one
+    bundle per replica, sized by ``cfg.for_role(role)``; a role colocated with a running host
+    (``cfg.colocate``) gets no bundles and shares the host's, replica k on the host's bundle k mod n.
+    Returns the requests in planning order and ``role -> [(role whose group holds it, bundle index)]``.
+    """
+    guests = COLOCATION[cfg.colocate]
+    requests: list[RoleRequest] = []
+    slots: dict[str, list[tuple[str, int]]] = {}
+    for role in PLAN_ORDER:
+        count = replicas.get(role, 0)
+        if count <= 0:
+            continue
+        host = guests.get(role)
+        if host and replicas.get(host, 0) > 0:
+            slots[role] = [(host, k % replicas[host]) for k in range(count)]
+            continue
+        own = cfg.for_role(role)
+        bundle = {"CPU": own.cpus, **({"GPU": own.gpus} if own.gpus else {}), **own.resources}
+        requests.append(RoleRequest(role, (bundle,) * count, own.strategy, own.node_resource))
+        slots[role] = [(role, k) for k in range(count)]
+    unknown = set(replicas) - set(PLAN_ORDER)
+    if unknown:
+        raise ValueError(f"unknown roles {', '.join(sorted(unknown))}; roles are {', '.join(PLAN_ORDER)}")
+    return requests, slots
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One actor's place: a bundle of a placement group, and the share of that bundle the actor takes
+    (a bundle shared by colocated actors is split evenly between them)."""
+
+    group: Any
+    index: int
+    num_cpus: float
+    num_gpus: float
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``ActorClass.options(...)``."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, self.index)}
+
+
+@dataclass
+class ActorPlacement:
+    """The placement groups of a run and the slot of every actor of every role."""
+
+    placement: Placement
+    slots: dict[str, list[Slot]]
+
+    def group_of(self, role: str) -> tuple[Any, list[int], float, float]:
+        """``(placement group, bundle index per replica, num_cpus, num_gpus)`` for a group of actors
+        that all take the same amount: the smallest share any of them gets."""
+        slots = self.slots[role]
+        return (slots[0].group, [s.index for s in slots], min(s.num_cpus for s in slots),
+                min(s.num_gpus for s in slots))
+
+    def describe(self) -> str:
+        return self.placement.plan.describe()
+
+    def remove(self) -> None:
+        self.placement.remove()
+
+
+def place_actors(cfg: PlacementConfig, replicas: Mapping[str, int], *, timeout_s: float = 30.0,
+                 name_prefix: str | None = None) -> ActorPlacement:
+    """Plan and create the placement groups of ``replicas`` (see ``role_layout``), or raise
+    ``ResourceError`` naming the role that does not fit, before anything is created."""
+    requests, layout = role_layout(cfg, replicas)
+    placement = place(requests, timeout_s=timeout_s, name_prefix=name_prefix or f"rlhf-{secrets.token_hex(3)}")
+    sharing: dict[tuple[str, int], int] = defaultdict(int)
+    for positions in layout.values():
+        for position in positions:
+            sharing[position] += 1
+    by_role = {r.role: r for r in requests}
+
+    def slot(position: tuple[str, int]) -> Slot:
+        role, index = position
+        bundle, share = by_role[role].bundles[index], sharing[position]
+        return Slot(placement.groups[role], index, bundle.get("CPU", 0.0) / share, bundle.get("GPU", 0.0) / share)
+
+    result = ActorPlacement(placement, {role: [slot(p) for p in positions] for role, positions in layout.items()})
+    log.info("placement:\n%s", result.describe())
+    return result

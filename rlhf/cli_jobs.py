@@ -7,7 +7,9 @@
 
 The job runs ``rlhf STAGE -c CONFIG KEY=VALUE ...`` in a copy of the working directory (default: the
 current one), so the same config runs locally and on a cluster; only ``--address`` differs. The
-address defaults to $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or http://127.0.0.1:8265.
+config's ``job:`` section sets the job's defaults (address, working dir, env vars, pip packages,
+excludes); the options here replace or extend them. The address defaults to ``job.address``,
+$RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or http://127.0.0.1:8265.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.config import STAGES, ConfigError, load_config
+from pydantic import ValidationError
+
+from rlhf.config import STAGES, ConfigError, JobConfig, StageConfig, apply_override, explain, load_config, \
+    parse_override, read_yaml
 
 COMMANDS = ("submit", "jobs")
 
 
-def _add_address(parser: argparse.ArgumentParser) -> None:
+def _add_address(parser: argparse.ArgumentParser, *, from_config: bool = False) -> None:
+    first = "the config's job.address, " if from_config else ""
     parser.add_argument(
-        "--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
-        "an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265)",
+        "--address", help=f"the cluster's dashboard, e.g. http://HEAD:8265 (default: {first}"
+        "$RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265)",
     )
 
 
@@ -59,18 +65,24 @@ def add_job_commands(subparsers) -> None:
     submit.add_argument("-c", "--config", help="YAML config file inside the working directory")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, as for the stage itself (bench: its argument first)")
-    _add_address(submit)
-    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
+    _add_address(submit, from_config=True)
+    submit.add_argument("--working-dir", help="uploaded as the job's working directory (default: the config's "
+                        "job.working_dir, else .)")
     submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="also leave this out of the upload (repeatable; .git, .venv, runs, .cache, ... always are)")
+                        help="also leave this out of the upload (repeatable; added to job.excludes; .git, "
+                        ".venv, runs, .cache, ... always are)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
-                        help="environment variable for the job (repeatable); KEY alone passes on its local value")
+                        help="environment variable for the job (repeatable; added to job.env_vars, winning "
+                        "over them); KEY alone passes on its local value")
     submit.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
-                        help="extra pip package installed for the job (repeatable), e.g. --pip 'rlhf[gpu]'")
+                        help="extra pip package installed for the job (repeatable; added to job.pip), "
+                        "e.g. --pip 'rlhf[gpu]'")
     submit.add_argument("--quick", action="store_true", help="with `run`: its tiny-model preset")
     submit.add_argument("--submission-id", help="choose the job's id (default: Ray makes one)")
-    submit.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the stage's driver")
-    submit.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the stage's driver")
+    submit.add_argument("--entrypoint-num-cpus", type=float,
+                        help="CPUs reserved for the stage's driver (default: job.entrypoint_num_cpus)")
+    submit.add_argument("--entrypoint-num-gpus", type=float,
+                        help="GPUs reserved for the stage's driver (default: job.entrypoint_num_gpus)")
     submit.add_argument("--no-check", action="store_true",
                         help="submit without validating the command and config here first")
     mode = submit.add_mutually_exclusive_group()
@@ -150,28 +162,47 @@ def _finish(info) -> int:
     return 0 if info.status == "SUCCEEDED" else 1
 
 
+def job_section(config: str | None, overrides: list[str]) -> JobConfig:
+    """The ``job:`` section of a config file with its ``job.*`` overrides (the rest is checked by
+    ``check_command``, which --no-check skips)."""
+    tree = read_yaml(config) if config else {}
+    section = {"job": tree.get("job") or {}}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "job":
+            apply_override(section, keys, value)
+    try:
+        return StageConfig.model_validate(section).job
+    except ValidationError as exc:
+        raise explain(exc, StageConfig, config or "(defaults)") from None
+
+
 def _submit(args: argparse.Namespace) -> int:
     from cluster import jobs
 
-    root = Path(args.working_dir).expanduser().resolve()
-    renv = jobs.runtime_env(root, env=jobs.parse_env(args.env), pip=args.pip,
-                            excludes=[*jobs.DEFAULT_EXCLUDES, *args.exclude])
+    overrides = [a for a in args.overrides if "=" in a]
+    job = jobs.resolve_job(
+        job_section(args.config, overrides), address=args.address, working_dir=args.working_dir, env=args.env,
+        pip=args.pip, exclude=args.exclude, entrypoint_num_cpus=args.entrypoint_num_cpus,
+        entrypoint_num_gpus=args.entrypoint_num_gpus,
+    )
+    renv = jobs.runtime_env(job)
+    root = Path(renv["working_dir"])
     config = jobs.config_in_working_dir(args.config, root) if args.config else None
     stage_args = [a for a in args.overrides if "=" not in a]  # e.g. `bench rollout`
     if args.quick:
         if args.stage != "run":
             raise jobs.JobError("--quick is an option of `run` only")
         stage_args.append("--quick")
-    overrides = [a for a in args.overrides if "=" in a]
     argv = jobs.stage_command(args.stage, config, overrides, stage_args)
     if not args.no_check:
         check_command(argv, root)
 
-    client = jobs.JobClient(args.address)
+    client = jobs.JobClient(job.address)
     submission_id = client.submit(
         argv, renv, submission_id=args.submission_id,
         metadata={"rlhf_stage": args.stage, "rlhf_config": config or ""},
-        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+        entrypoint_num_cpus=job.entrypoint_num_cpus, entrypoint_num_gpus=job.entrypoint_num_gpus,
     )
     print(submission_id, flush=True)
     _say(f"submitted `{args.stage}` to {client.address} as {submission_id}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -181,12 +181,49 @@ class RayConfig(Section):
     )
 
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class JobConfig(Section):
+    """How `rlhf submit` runs this config as a Ray Job; a stage run directly ignores it. The
+    command-line options of `rlhf submit` override (address, working dir) or extend (env, pip, excludes) it."""
+
+    address: str | None = Field(
+        None, description="the cluster's dashboard, http://HEAD:8265 (else $RAY_API_SERVER_ADDRESS, an http(s) "
+        "$RAY_ADDRESS, else http://127.0.0.1:8265). Not ray.address: inside the job Ray sets that itself",
+    )
+    working_dir: str = Field(
+        ".", description="uploaded as the job's working directory, relative to where `rlhf submit` runs; "
+        "the config file must lie inside it",
+    )
+    excludes: list[str] = Field(
+        default_factory=list, description="left out of the upload besides .git, .venv, runs, .cache, ... and .gitignore'd files"
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment variables of the job")
+    pass_env: list[str] = Field(
+        default_factory=list,
+        description="names of local environment variables passed on to the job (tokens stay out of config files)",
+    )
+    pip: list[str] = Field(default_factory=list, description="extra pip packages installed for the job, e.g. 'rlhf[gpu]'")
+    entrypoint_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved for the stage's driver")
+    entrypoint_num_gpus: float | None = Field(None, ge=0, description="GPUs reserved for the stage's driver")
+
+    @field_validator("env_vars", "pass_env")
+    @classmethod
+    def _check_names(cls, value):
+        bad = [name for name in value if not ENV_NAME.match(name)]  # a dict's keys, or the list
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
+        return value
+
+
 class StageConfig(Section):
     """Fields every stage has."""
 
     output_dir: str = "runs/default"
     seed: int = 42
     ray: RayConfig = Field(default_factory=RayConfig)
+    job: JobConfig = Field(default_factory=JobConfig, description="used by `rlhf submit` only")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,13 +366,78 @@ class PPOAlgoConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
-class PlacementConfig(Section):
-    """Where actors run. Fractional CPU bundles on CPU machines, GPU bundles on GPU clusters."""
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+PlacementRole = Literal["policy", "critic", "reference", "reward", "rollout"]
+PLACEMENT_ROLES: tuple[str, ...] = get_args(PlacementRole)
+COLOCATION: dict[str, dict[str, str]] = {  # placement.colocate -> {guest role: the role whose bundles it shares}
+    "none": {},
+    "policy_reference": {"reference": "policy"},
+    "critic_reward": {"reward": "critic"},
+    "all": {"critic": "policy", "reference": "policy", "reward": "policy"},
+}
 
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    colocate: Literal["none", "policy_reference", "critic_reward", "all"] = "none"
+
+class RolePlacementConfig(Section):
+    """One role's bundles (one bundle per replica: policy_workers, critic_workers, rollout.engines,
+    one reference, one reward). Unset fields take the defaults of the placement section."""
+
+    cpus: float | None = Field(None, gt=0, description="CPUs per bundle (default: placement.cpus_per_actor)")
+    gpus: float | None = Field(None, ge=0, description="GPUs per bundle (default: placement.gpus_per_actor)")
+    node_resource: str | None = Field(
+        None, description="only nodes offering this custom resource (e.g. rlhf_train, rlhf_rollout; "
+        "`ray start --resources='{\"rlhf_train\": 1}'`) host this role; each bundle takes a sliver of it",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="other resources each bundle asks for, e.g. {'accelerator_type:A100': 0.001}"
+    )
+    strategy: PlacementStrategy | None = Field(None, description="across this role's bundles (default: placement.strategy)")
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"{name}: use cpus/gpus for it, not resources")
+            if amount <= 0:
+                raise ValueError(f"{name}: amount must be positive, got {amount}")
+        return value
+
+
+class PlacementConfig(Section):
+    """Where actors run: one placement group per role, planned against the cluster's nodes before any
+    actor starts (cluster/placement.py). Fractional CPU bundles on CPU machines, GPU bundles on GPU
+    clusters; ``roles`` puts a role on the nodes of a custom resource or changes its bundle size."""
+
+    strategy: PlacementStrategy = "PACK"
+    colocate: Literal["none", "policy_reference", "critic_reward", "all"] = Field(
+        "none", description="roles that share bundles: reference on policy's, reward on critic's, or all on policy's"
+    )
     cpus_per_actor: float = Field(0.25, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    roles: dict[PlacementRole, RolePlacementConfig] = Field(
+        default_factory=dict,
+        description="per-role bundles, e.g. {policy: {gpus: 1, node_resource: rlhf_train}, "
+        "rollout: {gpus: 1, node_resource: rlhf_rollout}}",
+    )
+
+    @model_validator(mode="after")
+    def _colocated_roles_have_no_bundles(self) -> PlacementConfig:
+        for guest, host in COLOCATION[self.colocate].items():
+            if guest in self.roles:
+                raise ValueError(
+                    f"roles.{guest}: with colocate '{self.colocate}' {guest} runs on {host}'s bundles; "
+                    f"set its placement under roles.{host}, or choose another colocate"
+                )
+        return self
+
+    def for_role(self, role: str) -> RolePlacementConfig:
+        """The role's bundle settings with the section's defaults filled in."""
+        own = self.roles.get(role) or RolePlacementConfig()
+        return own.model_copy(update={
+            "cpus": self.cpus_per_actor if own.cpus is None else own.cpus,
+            "gpus": self.gpus_per_actor if own.gpus is None else own.gpus,
+            "strategy": own.strategy or self.strategy,
+        })
 
 
 class PPOConfig(StageConfig):
@@ -424,6 +526,13 @@ class RunConfig(StageConfig):
     rm: RMConfig = Field(default_factory=RMConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _one_job_section(self) -> RunConfig:
+        for stage in ("sft", "pairs", "rm", "ppo", "eval"):
+            if "job" in getattr(self, stage).model_fields_set:
+                raise ValueError(f"{stage}.job: the pipeline is submitted as one job; set job: at the top level")
+        return self
 
 
 STAGES: dict[str, type[StageConfig]] = {

@@ -109,7 +109,6 @@ class PPOTrainer:
 
     def __init__(self, cfg: PPOConfig) -> None:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from actors.critic import CriticLearner
         from actors.group import LearnerGroup
@@ -117,7 +116,8 @@ class PPOTrainer:
         from actors.reference import ReferenceModel
         from actors.reward import RewardScorer
         from actors.rollout import RolloutGroup
-        from cluster.runtime import create_placement_group, init_ray
+        from cluster.placement import place_actors
+        from cluster.runtime import init_ray
         from rlhf.data import load_prompt_data
         from rlhf.models import load_tokenizer, resolve_model_path
 
@@ -143,51 +143,35 @@ class PPOTrainer:
 
         init_ray(cfg.ray)
         log.info("ppo: Ray ready in %.1f s", time.perf_counter() - started)
-        place = cfg.placement
-        # One bundle per model replica; colocated roles share a bundle (and split its CPUs).
-        roles = ["policy"] * cfg.policy_workers + (["critic"] * cfg.critic_workers if self.use_critic else [])
-        roles += ["reference", "reward"]
-        slots = self._slots(roles, place.colocate)
-        bundle = {"CPU": place.cpus_per_actor, **({"GPU": place.gpus_per_actor} if place.gpus_per_actor else {})}
-        n_bundles = 1 + max(index for indices in slots.values() for index in indices)
-        self.placement_group = create_placement_group(
-            [dict(bundle) for _ in range(n_bundles)], strategy=place.strategy,
-            timeout_s=cfg.ray.resource_timeout_s, what="ppo actors (policy, critic, reference, reward)",
-        )
-        share = {i: sum(i in indices for indices in slots.values()) for i in range(n_bundles)}
-
-        def fraction(index: int, amount: float) -> float:
-            return amount / share[index]
-
+        # One placement group per role, planned against the cluster's nodes first (cfg.placement:
+        # per-role bundles and node resources; colocated roles share bundles): a cluster too small
+        # fails here, naming the role, before any actor starts.
+        self.placement = place_actors(cfg.placement, {
+            "policy": cfg.policy_workers, "critic": cfg.critic_workers if self.use_critic else 0,
+            "reference": 1, "reward": 1, "rollout": cfg.rollout.engines,
+        }, timeout_s=cfg.ray.resource_timeout_s)
+        rollout_group, _, engine_cpus, engine_gpus = self.placement.group_of("rollout")
         self.engines = RolloutGroup(
-            cfg.model.model_copy(update={"path": policy_path}), cfg.rollout, cpus_per_engine=place.cpus_per_actor,
-            gpus_per_engine=place.gpus_per_actor, strategy=place.strategy,
-            resource_timeout_s=cfg.ray.resource_timeout_s, seed=cfg.seed,
+            cfg.model.model_copy(update={"path": policy_path}), cfg.rollout, cpus_per_engine=engine_cpus,
+            gpus_per_engine=engine_gpus, placement_group=rollout_group, seed=cfg.seed,
         )
         log.info("ppo: %d rollout engine(s) ready in %.1f s", len(self.engines), time.perf_counter() - started)
-        p0 = slots["policy"][0]
-        self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=self.placement_group,
-                                   bundle_indices=slots["policy"], num_cpus=fraction(p0, place.cpus_per_actor),
-                                   num_gpus=fraction(p0, place.gpus_per_actor), name="policy")
+        group, indices, cpus, gpus = self.placement.group_of("policy")
+        self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=group,
+                                   bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="policy")
         setups = self.policy.call("setup", cfg.model, policy_path, cfg.ppo, cfg.deepspeed,
                                   self.sampling.temperature or 1.0, cfg.seed)
         self.critic = None
         if self.use_critic:
-            c0 = slots["critic"][0]
-            self.critic = LearnerGroup(CriticLearner, cfg.critic_workers, placement_group=self.placement_group,
-                                       bundle_indices=slots["critic"], num_cpus=fraction(c0, place.cpus_per_actor),
-                                       num_gpus=fraction(c0, place.gpus_per_actor), name="critic")
+            group, indices, cpus, gpus = self.placement.group_of("critic")
+            self.critic = LearnerGroup(CriticLearner, cfg.critic_workers, placement_group=group,
+                                       bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="critic")
             setups += self.critic.call("setup", cfg.critic or cfg.model, critic_path, cfg.ppo, cfg.deepspeed, cfg.seed)
 
-        def inference_actor(cls, role: str):
-            index = slots[role][0]
-            return ray.remote(cls).options(
-                num_cpus=fraction(index, place.cpus_per_actor), num_gpus=fraction(index, place.gpus_per_actor),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index),
-            )
-
-        self.reference = inference_actor(ReferenceModel, "reference").remote(cfg.model, base_path)
-        self.reward = inference_actor(RewardScorer, "reward").remote(cfg.reward, cfg.model.dtype)
+        self.reference = ray.remote(ReferenceModel).options(**self.placement.slots["reference"][0].options()).remote(
+            cfg.model, base_path)
+        self.reward = ray.remote(RewardScorer).options(**self.placement.slots["reward"][0].options()).remote(
+            cfg.reward, cfg.model.dtype)
         ray.get(setups)
         log.info("ppo: learners ready in %.1f s", time.perf_counter() - started)
         if cfg.rollout.weight_sync == "broadcast":
@@ -203,22 +187,6 @@ class PPOTrainer:
             state = json.loads((start_from / STATE_FILE).read_text())
             self.iteration = state["iteration"]
             self.kl_controller.load_state_dict(state["kl_controller"])
-
-    @staticmethod
-    def _slots(roles: list[str], colocate: str) -> dict[str, list[int]]:
-        """Bundle index of every role replica. Colocated roles reuse their partner's first bundle."""
-        slots: dict[str, list[int]] = {}
-        next_index = 0
-        partner = {"policy_reference": {"reference": "policy"}, "critic_reward": {"reward": "critic"},
-                   "all": {r: "policy" for r in ("critic", "reference", "reward")}}.get(colocate, {})
-        for role in roles:
-            host = partner.get(role)
-            if host and host in slots:
-                slots.setdefault(role, []).append(slots[host][len(slots.get(role, [])) % len(slots[host])])
-                continue
-            slots.setdefault(role, []).append(next_index)
-            next_index += 1
-        return slots
 
     # ----------------------------------------------------------------------------------------------
 
@@ -334,7 +302,6 @@ class PPOTrainer:
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         self.engines.shutdown()
         self.policy.shutdown()
@@ -342,7 +309,7 @@ class PPOTrainer:
             self.critic.shutdown()
         for actor in (self.reference, self.reward):
             ray.kill(actor)
-        remove_placement_group(self.placement_group)
+        self.placement.remove()
 
 
 def run(cfg: PPOConfig) -> Path:

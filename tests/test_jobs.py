@@ -28,11 +28,13 @@ from cluster.jobs import (
     display_command,
     parse_env,
     resolve_address,
+    resolve_job,
     runtime_env,
     stage_command,
 )
 from rlhf.cli import main
-from rlhf.config import mask_secrets
+from rlhf.cli_jobs import job_section
+from rlhf.config import ConfigError, JobConfig, mask_secrets
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -123,11 +125,17 @@ class RayNodes:
         address. So the node is started directly, as `ray start --block` would, in a process of its own."""
         agent = free_port()
         self.ports.append(agent)
+        # Sockets named here: two such nodes started together otherwise pick the same free name in the
+        # session's socket folder, and the second one's object store fails to bind it.
+        sockets = self.temp_dir / "sockets"
+        sockets.mkdir(exist_ok=True)
+        n = len(self.procs)
         params = dict(gcs_address=f"127.0.0.1:{self.gcs_port}", node_ip_address="127.0.0.1", num_cpus=num_cpus,
                       num_gpus=num_gpus, resources=resources or {}, dashboard_agent_listen_port=agent,
-                      min_worker_port=0, max_worker_port=0)
+                      min_worker_port=0, max_worker_port=0, plasma_store_socket_name=str(sockets / f"plasma{n}"),
+                      raylet_socket_name=str(sockets / f"raylet{n}"))
         env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(self.temp_dir)}
-        self._start([sys.executable, "-c", _WORKER_NODE, json.dumps(params)], env, f"worker{len(self.procs)}.log")
+        self._start([sys.executable, "-c", _WORKER_NODE, json.dumps(params)], env, f"worker{n}.log")
 
     @property
     def dashboard(self) -> str:
@@ -211,11 +219,40 @@ def test_command_and_runtime_env(tmp_path):
     assert display_command(argv) == "rlhf serve -c configs/a.yaml 'api_key=***' port=9000"
     assert stage_command("bench", None, ["prompts=8"], ["rollout"]) == ["rlhf", "bench", "rollout", "prompts=8"]
 
-    renv = runtime_env(tmp_path, env={"A": "1"}, pip=["rlhf[gpu]"])
-    assert renv == {"working_dir": str(tmp_path.resolve()), "excludes": list(DEFAULT_EXCLUDES),
+    renv = runtime_env(JobConfig(working_dir=str(tmp_path), env_vars={"A": "1"}, pip=["rlhf[gpu]"], excludes=["data"]))
+    assert renv == {"working_dir": str(tmp_path.resolve()), "excludes": [*DEFAULT_EXCLUDES, "data"],
                     "env_vars": {"A": "1"}, "pip": ["rlhf[gpu]"]}
     assert {".git", ".venv", "runs", ".cache"} <= set(renv["excludes"])
-    assert "env_vars" not in runtime_env(tmp_path)
+    assert "env_vars" not in runtime_env(JobConfig(working_dir=str(tmp_path)))
+    with pytest.raises(JobError, match="working directory nope does not exist"):
+        runtime_env(JobConfig(working_dir="nope"))
+
+
+def test_the_config_job_section_under_the_command_line(tmp_path):
+    config = tmp_path / "ppo.yaml"
+    config.write_text(
+        "job:\n  address: http://head:8265\n  working_dir: /srv/rlhf\n  env_vars: {RLHF_HOME: /mnt/cache, A: '1'}\n"
+        "  pass_env: [HF_TOKEN]\n  pip: ['rlhf[gpu]']\n  entrypoint_num_cpus: 1\nsteps: 3\n"
+    )
+    job = job_section(str(config), ["steps=4", "job.excludes=[data]"])
+    assert job == JobConfig(address="http://head:8265", working_dir="/srv/rlhf", excludes=["data"],
+                            env_vars={"RLHF_HOME": "/mnt/cache", "A": "1"}, pass_env=["HF_TOKEN"], pip=["rlhf[gpu]"],
+                            entrypoint_num_cpus=1)
+    # Options replace the address and working dir; --env, --pip and --exclude add (an --env wins).
+    resolved = resolve_job(job, working_dir=".", env=["A=2", "B=3"], pip=["peft"], exclude=["*.ckpt"],
+                           entrypoint_num_gpus=1, environ={"HF_TOKEN": "hf_x"})
+    assert resolved == JobConfig(address="http://head:8265", working_dir=".", excludes=["data", "*.ckpt"],
+                                 env_vars={"RLHF_HOME": "/mnt/cache", "A": "2", "HF_TOKEN": "hf_x", "B": "3"},
+                                 pip=["rlhf[gpu]", "peft"], entrypoint_num_cpus=1, entrypoint_num_gpus=1)
+    assert resolve_job(job, address="http://other:8265", environ={"HF_TOKEN": ""}).address == "http://other:8265"
+    with pytest.raises(JobError, match="job.pass_env: HF_TOKEN not set here"):
+        resolve_job(job, environ={})
+    with pytest.raises(ConfigError, match=r"ppo.yaml.*\n  job.pip: Input should be a valid list"):
+        job_section(str(config), ["job.pip=rlhf"])
+    with pytest.raises(ConfigError, match="unknown key 'job.adress'; valid keys here: address, working_dir"):
+        job_section(str(config), ["job.adress=x"])
+    with pytest.raises(ConfigError, match="job.env_vars: .*not environment variable names: '1A'"):
+        job_section(None, ["job.env_vars={1A: x}"])
 
 
 def test_address_resolution():
@@ -226,12 +263,13 @@ def test_address_resolution():
     assert resolve_address(None, {"RAY_ADDRESS": "10.0.0.5:6379"}) == "http://127.0.0.1:8265"  # a GCS address
 
 
-def test_bad_config_is_refused_before_submitting(capsys):
+def test_bad_config_is_refused_before_submitting(capsys, tmp_path):
     # Port 1 has no cluster: the command must fail on the config, never reaching the network.
     code = main(["submit", "sft", "-c", "configs/tiny/sft.yaml", "--address", "http://127.0.0.1:1", "optim.bogus=1"])
     assert code == 2
     assert "unknown key 'optim.bogus'" in capsys.readouterr().err
-    code = main(["submit", "sft", "-c", "/etc/hostname", "--address", "http://127.0.0.1:1"])
+    (tmp_path / "sft.yaml").write_text("seed: 1\n")
+    code = main(["submit", "sft", "-c", str(tmp_path / "sft.yaml"), "--address", "http://127.0.0.1:1"])
     assert code == 2
     assert "outside the working directory" in capsys.readouterr().err
 
@@ -305,7 +343,9 @@ def submit_args(head: RayNodes, out: Path, *extra: str) -> list[str]:
 @pytest.mark.timeout(600)
 def test_sft_job_succeeds_and_its_logs_show_the_output(head, tmp_path):
     out = tmp_path / "sft"
-    done = rlhf(head, *submit_args(head, out, "--follow"), timeout=540)
+    # The job's environment from the config's job section (here an override) instead of --env.
+    args = [a for a in submit_args(head, out, "--follow") if not a.startswith(("--env", "RLHF_HOME="))]
+    done = rlhf(head, *args, "job.pass_env=[RLHF_HOME]", timeout=540)
     assert done.returncode == 0, done.stderr + done.stdout[-3000:]
     submission_id = done.stdout.splitlines()[0]
     assert submission_id.startswith("raysubmit_")

@@ -9,7 +9,7 @@ import torch
 
 from rlhf.config import ConfigError, load_config
 from rlhf.metrics import read_metrics
-from rlhf.ppo import PPOTrainer, batch_indices, check_config, make_experience, shard
+from rlhf.ppo import batch_indices, check_config, make_experience, shard
 
 RULE_REWARD = "tests/data/rule_reward.py:letter_e"
 
@@ -26,14 +26,6 @@ def test_prompt_batches_depend_only_on_seed_and_iteration():
     assert sorted(i for batch in first for i in batch) == list(range(20))  # an epoch covers every prompt
     assert batch_indices(5, 20, 4, seed=1) != first[0]  # the next epoch is reshuffled
     assert batch_indices(0, 20, 4, seed=2) != first[0]
-
-
-def test_colocation_slots():
-    roles = ["policy", "policy", "critic", "reference", "reward"]
-    assert PPOTrainer._slots(roles, "none") == {"policy": [0, 1], "critic": [2], "reference": [3], "reward": [4]}
-    assert PPOTrainer._slots(roles, "policy_reference") == {"policy": [0, 1], "critic": [2], "reference": [0], "reward": [3]}
-    assert PPOTrainer._slots(roles, "critic_reward") == {"policy": [0, 1], "critic": [2], "reference": [3], "reward": [2]}
-    assert PPOTrainer._slots(roles, "all") == {"policy": [0, 1], "critic": [0], "reference": [0], "reward": [0]}
 
 
 def test_config_checks_before_any_actor_starts(tiny_model_dir, tmp_path):
