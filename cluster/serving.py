@@ -253,7 +253,9 @@ class OpenAIServer:
 
 
 def build_app(cfg: ServeConfig):
-    """The Serve application for ``cfg``: replicas, autoscaling and resources from the config."""
+    """The Serve application for ``cfg``: replicas, autoscaling and resources from the config. The
+    API key is resolved here, where the app is built, so replicas on other nodes need no $RLHF_API_KEY."""
+    cfg = cfg.model_copy(update={"api_key": resolve_api_key(cfg)})
     scaling: dict = (
         {"num_replicas": cfg.min_replicas} if cfg.min_replicas == cfg.max_replicas
         else {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,

@@ -148,6 +148,18 @@ def stop(cfg: ServeConfig, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def build_app(args: dict):
+    """The Serve application builder named in a RayService (``import_path: rlhf.serve:build_app``):
+    ``args`` is ``{config: FILE or null, overrides: [KEY=VALUE, ...]}``, as for ``rlhf serve``."""
+    from cluster.serving import build_app as build
+    from rlhf.config import load_config
+
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ConfigError(f"serve app args: unknown keys {sorted(unknown)}; expected config and overrides")
+    return build(load_config("serve", args.get("config"), list(args.get("overrides") or [])))
+
+
 def spawn(overrides: list[str], output_dir: str | Path, *, port: int, log_path: str | Path,
           ready_timeout_s: float = 240.0):
     """Start ``rlhf serve`` in a child process (tests, benchmarks) and wait until it serves.

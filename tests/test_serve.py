@@ -268,3 +268,20 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     assert "server stopped" in (out / "server.log").read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=5)
+
+
+def test_rayservice_app_builder_takes_config_and_overrides(monkeypatch, tiny_model_dir):
+    from ray.serve import Application
+
+    from rlhf.config import ConfigError
+    from rlhf.serve import build_app
+
+    monkeypatch.setenv("RLHF_API_KEY", "from-env")
+    app = build_app({"config": None, "overrides": [f"model.path={tiny_model_dir}", "max_replicas=3"]})
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment  # what Serve will create: the config each replica gets
+    assert deployment.init_args[0]["api_key"] == "from-env"  # resolved where the app is built
+    assert deployment.init_args[0]["max_replicas"] == 3
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(ConfigError, match="overides"):
+        build_app({"config": None, "overides": []})
