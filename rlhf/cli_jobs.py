@@ -58,6 +58,7 @@ def add_job_commands(subparsers) -> None:
         "submit", help="run a stage (or the whole pipeline, `run`) as a Ray Job on a cluster",
         description="Run `rlhf STAGE -c CONFIG KEY=VALUE ...` as a Ray Job. The working directory is "
         "uploaded (minus --exclude patterns and .gitignore'd files); the config must lie inside it. "
+        "The config's job: section gives the defaults of the options below. "
         "Prints the submission id on the first line of stdout.",
     )
     submit.__class__ = _IntermixedParser  # subparsers build plain parsers; this one may interleave

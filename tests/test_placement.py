@@ -3,10 +3,13 @@ two-node local cluster whose nodes carry fake GPUs and custom resources (loopbac
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.placement import NODE_RESOURCE_UNIT, Node, RoleRequest, nodes_from_ray, place, place_actors, plan, role_layout
 from cluster.runtime import ResourceError
@@ -116,6 +119,52 @@ def test_colocated_roles_share_their_hosts_bundles():
         role("policy", 1, strategy="TIGHT")
     with pytest.raises(ValueError, match="asked for twice"):
         plan([role("policy", 1), role("policy", 1)], NODES)
+
+
+# README "Where each role runs": per-role placement for the shipped KubeRay cluster (cluster/configs/rayjob.yaml).
+README_EXAMPLE = [
+    "policy_workers=2", "critic_workers=1", "placement.colocate=policy_reference",
+    "placement.roles.policy={cpus: 8, gpus: 1, node_resource: rlhf_train}",
+    "placement.roles.critic={cpus: 8, gpus: 1, node_resource: rlhf_train}",
+    "placement.roles.reward={cpus: 4, gpus: 1, node_resource: rlhf_train}",
+    "placement.roles.rollout={cpus: 6, gpus: 1, node_resource: rlhf_rollout, strategy: SPREAD}",
+]
+
+
+def shipped_cluster_nodes() -> dict[str, list[Node]]:
+    """The GPU nodes of the shipped cluster configs at their minimum size, as the planner sees them."""
+    configs = Path(__file__).resolve().parents[1] / "cluster" / "configs"
+    launcher = yaml.safe_load((configs / "ray-cluster.yaml").read_text())["available_node_types"]
+    kuberay = yaml.safe_load((configs / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    nodes = {"launcher": [], "kuberay": []}
+    for name, kind in launcher.items():
+        for i in range(kind.get("min_workers", 0)):
+            nodes["launcher"].append(Node(f"{name}-{i}", name, {k: float(v) for k, v in kind["resources"].items()}))
+    for group in kuberay:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        custom = json.loads(json.loads(group["rayStartParams"]["resources"]))  # a JSON string, quoted again
+        shape = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0)), **custom}
+        nodes["kuberay"] += [Node(f"{group['groupName']}-{i}", group["groupName"], shape) for i in range(group["replicas"])]
+    return nodes
+
+
+def test_the_readme_example_fits_the_shipped_clusters():
+    cfg = load_config("ppo", None, README_EXAMPLE)
+    replicas = {"policy": cfg.policy_workers, "critic": cfg.critic_workers, "reference": 1, "reward": 1,
+                "rollout": cfg.rollout.engines}
+    requests, slots = role_layout(cfg.placement, replicas)
+    for name, nodes in shipped_cluster_nodes().items():
+        result = plan(requests, nodes)
+        groups = {node.node_id: node.address for node in nodes}
+        where = {role: {groups[n] for n in ids} for role, ids in result.assignment.items()}
+        assert where == {"policy": {"train-gpu" if name == "kuberay" else "gpu_train"}, **{
+            r: where["policy"] for r in ("critic", "reward")}, "rollout": {"rollout-gpu" if name == "kuberay" else "gpu_rollout"}}, name
+    assert slots["reference"] == [("policy", 0)]
+    # One policy rank more and the learners' node is short of a GPU: the message of the README.
+    with pytest.raises(ResourceError, match=r"^reward needs CPU 4, GPU 1 in 1 bundles \(PACK\); the nodes with "
+                       r"'rlhf_train' have CPU 0, GPU 0 left after policy, critic, rollout: missing CPU 4, GPU 1\. Bundle 0 "
+                       r"\(CPU 4, GPU 1\) finds no node with room left\.$"):
+        plan(role_layout(cfg.placement, {**replicas, "policy": 3})[0], shipped_cluster_nodes()["kuberay"])
 
 
 def test_nodes_from_ray_keeps_alive_nodes_without_ip_markers():
