@@ -59,12 +59,21 @@ async def one_request(http, model: str, prompt: str, max_tokens: int, timeout_s:
     return {"outcome": "ok", "latency_s": latency, "tokens": response.json()["usage"]["completion_tokens"]}
 
 
+async def kill_a_replica(http, after_s: float) -> int:
+    """SIGKILL the replica that answers /health, ``after_s`` seconds into the level; its pid."""
+    await asyncio.sleep(after_s)
+    pid = (await http.get("/health")).json()["replica_pid"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 async def load_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                     timeout_s: float) -> dict:
-    """All ``prompts`` at ``concurrency`` requests in flight."""
+                     timeout_s: float, kill_after_s: float | None = None) -> dict:
+    """All ``prompts`` at ``concurrency`` requests in flight (and, with ``kill_after_s``, one replica
+    killed on the way)."""
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s + 5) as http:
         async def gated(prompt: str) -> dict:
@@ -72,8 +81,10 @@ async def load_level(url: str, model: str, prompts: list[str], concurrency: int,
                 return await one_request(http, model, prompt, max_tokens, timeout_s)
 
         start = time.perf_counter()
+        killer = asyncio.create_task(kill_a_replica(http, kill_after_s)) if kill_after_s is not None else None
         results = await asyncio.gather(*(gated(p) for p in prompts))
         wall = time.perf_counter() - start
+        killed = await killer if killer is not None else None
     ok = [r for r in results if r["outcome"] == "ok"]
     latencies_ms = [r["latency_s"] * 1000 for r in ok] or [float("nan")]
     statuses: dict[str, int] = {}
@@ -89,6 +100,7 @@ async def load_level(url: str, model: str, prompts: list[str], concurrency: int,
         "p50_ms": round(percentile(latencies_ms, 50), 1), "p95_ms": round(percentile(latencies_ms, 95), 1),
         "p99_ms": round(percentile(latencies_ms, 99), 1),
         "mean_tokens": round(statistics.mean(r["tokens"] for r in ok), 1) if ok else 0,
+        "killed_replica_pid": killed,
     }
 
 
@@ -115,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request counts as lost")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--cpus-per-replica", type=float, default=float(os.cpu_count() or 2))
+    parser.add_argument("--kill-replica-after", type=float, default=None,
+                        help="fault injection: SIGKILL one replica this many seconds into each level")
     parser.add_argument("--output", required=True, help="JSON results file")
     args = parser.parse_args(argv)
 
@@ -133,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         startup_s = time.perf_counter() - started
         try:
             asyncio.run(load_level(url, "bench", prompts[:4], 4, args.max_tokens, args.request_timeout))  # warm-up
-            levels = [asyncio.run(load_level(url, "bench", prompts, c, args.max_tokens, args.request_timeout))
+            levels = [asyncio.run(load_level(url, "bench", prompts, c, args.max_tokens, args.request_timeout,
+                                             args.kill_replica_after))
                       for c in args.concurrency]
         finally:
             process.send_signal(signal.SIGINT)

@@ -1,8 +1,9 @@
 """The serve app: an OpenAI-compatible HTTP API over the aligned model, on Ray Serve.
 
-Each replica of :class:`OpenAIServer` holds one generation engine (vLLM, or HF ``generate`` where vLLM
-is absent; rlhf/inference.py) and answers ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models`` and ``/health``. Request formats and errors live in rlhf/openai_api.py; the stage that
+Two deployments: :class:`OpenAIServer`, the HTTP ingress (``/v1/chat/completions``,
+``/v1/completions``, ``/v1/models``, ``/health``: authorisation, validation, chat template, token
+counts), and :class:`GenerationReplica`, the replicas that each hold one generation engine (vLLM, or
+HF ``generate`` where vLLM is absent; rlhf/inference.py) and scale with load. Request formats and errors live in rlhf/openai_api.py; the stage that
 starts and stops the app (``rlhf serve``) in rlhf/serve.py. Replica count, autoscaling and
 resources come from :class:`~rlhf.config.ServeConfig` (:func:`build_app`).
 """
@@ -21,9 +22,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
 
 from rlhf import openai_api as api
-from rlhf.config import ModelConfig, ServeConfig
+from rlhf.config import ModelConfig, SamplingConfig, ServeConfig
 from rlhf.inference import Delta, HFStreamer, VLLMStreamer, one_completion
 
 log = logging.getLogger("rlhf.serve")
@@ -68,40 +71,71 @@ def merge_adapter(model: ModelConfig, adapter_path: str, out_dir: str) -> str:
     return out_dir
 
 
+def model_limit(cfg: ServeConfig, path: str) -> int:
+    """The context length requests must fit in: the config's, capped by the model's own."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    trained = getattr(config, "max_position_embeddings", None) or cfg.max_model_len
+    return min(cfg.max_model_len, trained)
+
+
+@serve.deployment
+class GenerationReplica:
+    """One engine (vLLM, or HF generate): token ids in, text deltas out. The deployment that scales."""
+
+    def __init__(self, cfg: dict):
+        from rlhf.models import resolve_model_path
+
+        cfg = ServeConfig.model_validate(cfg)
+        model = cfg.model
+        path = resolve_model_path(model.path)
+        if cfg.adapter_path:
+            path = merge_adapter(model, cfg.adapter_path, tempfile.mkdtemp(prefix="rlhf-serve-merged-"))
+        if resolve_backend(cfg.backend) == "vllm":
+            self.engine = VLLMStreamer(path, dtype=model.dtype, max_model_len=model_limit(cfg, path),
+                                       kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed,
+                                       trust_remote_code=model.trust_remote_code)
+        else:
+            self.engine = HFStreamer(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+
+    async def stream(self, prompt_ids: list[int], sampling: SamplingConfig) -> AsyncIterator[Delta]:
+        async for delta in self.engine.stream(prompt_ids, sampling):
+            yield delta
+
+    async def complete(self, prompt_ids: list[int], sampling: SamplingConfig) -> Delta:
+        """The whole completion as one Delta (its text, token count and finish reason)."""
+        text, tokens, reason = [], 0, "length"
+        async for delta in self.engine.stream(prompt_ids, sampling):
+            text.append(delta.text)
+            tokens += delta.tokens
+            reason = delta.finish_reason or reason
+        return Delta("".join(text), tokens, reason)
+
+    async def info(self) -> dict:
+        return {"backend": self.engine.name, "replica_pid": os.getpid()}
+
+
 @serve.deployment
 @serve.ingress(app)
 class OpenAIServer:
-    """One replica: an engine plus the HTTP routes."""
+    """The HTTP routes: authorisation, validation, chat templates and token counting happen here; the
+    generation replicas behind ``engine`` only generate. A replica that dies under a request is
+    retried on another (nothing was sent to the client yet), else the client gets a 503."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, engine: DeploymentHandle):
         from rlhf.data.tokenize import has_chat_template
         from rlhf.models import load_tokenizer, resolve_model_path
 
         self.cfg = ServeConfig.model_validate(cfg)
+        self.engine = engine
         self.name = model_name(self.cfg)
         self.api_key = resolve_api_key(self.cfg)
         self.created = int(time.time())
-        model = self.cfg.model
-        path = resolve_model_path(model.path)
-        if self.cfg.adapter_path:
-            path = merge_adapter(model, self.cfg.adapter_path, tempfile.mkdtemp(prefix="rlhf-serve-merged-"))
-        self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
+        path = resolve_model_path(self.cfg.model.path)  # the adapter changes weights, not the tokenizer
+        self.tokenizer = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
         self.chat_template = has_chat_template(self.tokenizer)
-        self.max_model_len = self._model_limit(path)
-        if resolve_backend(self.cfg.backend) == "vllm":
-            self.engine = VLLMStreamer(path, dtype=model.dtype, max_model_len=self.max_model_len,
-                                       kv_cache_gib=self.cfg.kv_cache_gib, seed=self.cfg.seed,
-                                       trust_remote_code=model.trust_remote_code)
-        else:
-            self.engine = HFStreamer(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
-        log.info("replica ready: %s on %s, context %d tokens", self.name, self.engine.name, self.max_model_len)
-
-    def _model_limit(self, path: str) -> int:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=self.cfg.model.trust_remote_code)
-        trained = getattr(config, "max_position_embeddings", None) or self.cfg.max_model_len
-        return min(self.cfg.max_model_len, trained)
+        self.max_model_len = model_limit(self.cfg, path)
 
     # Checks shared by the routes ---------------------------------------------------------------
 
@@ -144,8 +178,13 @@ class OpenAIServer:
     # Routes -------------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "model": self.name, "backend": self.engine.name}
+    async def health(self):
+        """Open to all (no key): the model's name and one generation replica's backend and pid."""
+        try:
+            info = await self._call_engine(lambda: self.engine.info.remote())
+        except api.APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return {"status": "ok", "model": self.name, **info}
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -177,7 +216,7 @@ class OpenAIServer:
             if asyncio.iscoroutine(result):
                 result = await result
         except api.APIError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         return result if not isinstance(result, dict) else JSONResponse(result)
 
     # Generation ---------------------------------------------------------------------------------
@@ -192,21 +231,25 @@ class OpenAIServer:
         if body.stream:
             return StreamingResponse(self._stream_events(request_id, body, jobs, prompt_tokens, chat=chat),
                                      media_type="text/event-stream")
-        results = await asyncio.gather(*(self._collect(ids, s) for ids, s in jobs))
-        texts = [(text, reason) for text, reason, _ in results]
+        results: list[Delta] = await asyncio.gather(
+            *(self._call_engine(lambda ids=ids, s=s: self.engine.complete.remote(ids, s)) for ids, s in jobs))
+        texts = [(r.text, r.finish_reason) for r in results]
         if not chat and getattr(body, "echo", False):
             texts = [(self.tokenizer.decode(jobs[i][0]) + text, reason) for i, (text, reason) in enumerate(texts)]
-        usage = api.usage(prompt_tokens, sum(tokens for _, _, tokens in results))
+        usage = api.usage(prompt_tokens, sum(r.tokens for r in results))
         build = api.chat_response if chat else api.completion_response
         return build(request_id, body.model, texts, usage)
 
-    async def _collect(self, prompt_ids: list[int], sampling) -> tuple[str, str, int]:
-        text, tokens, reason = [], 0, "length"
-        async for delta in self.engine.stream(prompt_ids, sampling):
-            text.append(delta.text)
-            tokens += delta.tokens
-            reason = delta.finish_reason or reason
-        return "".join(text), reason, tokens
+    async def _call_engine(self, call):
+        """``await call()`` on a generation replica; a replica that dies is retried on another, up to
+        ``cfg.replica_retries`` times, then a 503 the client may retry."""
+        for attempt in range(self.cfg.replica_retries + 1):
+            try:
+                return await call()
+            except RayActorError as exc:  # the replica died or became unreachable under the call
+                log.warning("generation replica failed (attempt %d): %s", attempt + 1, type(exc).__name__)
+        raise api.APIError(503, "the model replica handling this request failed; retry", type="server_error",
+                           code="replica_unavailable", headers={"Retry-After": "1"})
 
     async def _stream_events(self, request_id: str, body: api._Request, jobs: list, prompt_tokens: int, *,
                              chat: bool) -> AsyncIterator[str]:
@@ -215,11 +258,25 @@ class OpenAIServer:
         events: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt_ids: list[int], sampling) -> None:
-            try:
-                async for delta in self.engine.stream(prompt_ids, sampling):
-                    await events.put((index, delta))
-            except Exception as exc:
-                await events.put((index, exc))
+            sent = False
+            for attempt in range(self.cfg.replica_retries + 1):
+                stream = self.engine.options(stream=True).stream.remote(prompt_ids, sampling)
+                try:
+                    async for delta in stream:
+                        sent = True
+                        await events.put((index, delta))
+                    return
+                except RayActorError as exc:
+                    if sent:  # part of the answer is out: it cannot be retried invisibly
+                        await events.put((index, exc))
+                        return
+                    log.warning("generation replica failed (attempt %d): %s", attempt + 1, type(exc).__name__)
+                except Exception as exc:
+                    await events.put((index, exc))
+                    return
+                finally:
+                    stream.cancel()  # a client that left stops its generation on the replica
+            await events.put((index, RuntimeError("the model replica handling this request failed; retry")))
 
         tasks = [asyncio.create_task(pump(i, ids, s)) for i, (ids, s) in enumerate(jobs)]
         completion_tokens, open_choices = 0, len(jobs)
@@ -231,7 +288,8 @@ class OpenAIServer:
                 index, item = await events.get()
                 if isinstance(item, Exception):
                     log.error("generation failed in a stream: %r", item)
-                    yield api.sse(api.APIError(500, f"generation failed: {item}", type="server_error").body())
+                    yield api.sse(api.APIError(503, f"generation failed: {item}; retry", type="server_error",
+                                               code="replica_unavailable").body())
                     return
                 delta: Delta = item
                 completion_tokens += delta.tokens
@@ -253,9 +311,12 @@ class OpenAIServer:
 
 
 def build_app(cfg: ServeConfig):
-    """The Serve application for ``cfg``: replicas, autoscaling and resources from the config. The
-    API key is resolved here, where the app is built, so replicas on other nodes need no $RLHF_API_KEY."""
+    """The Serve application for ``cfg``: one light ingress (no CPU reserved: it validates and
+    forwards) in front of the generation replicas, whose count, autoscaling and resources come from
+    the config. The API key is resolved here, where the app is built, so replicas on other nodes
+    need no $RLHF_API_KEY."""
     cfg = cfg.model_copy(update={"api_key": resolve_api_key(cfg)})
+    config = cfg.model_dump(mode="json")
     scaling: dict = (
         {"num_replicas": cfg.min_replicas} if cfg.min_replicas == cfg.max_replicas
         else {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
@@ -263,10 +324,14 @@ def build_app(cfg: ServeConfig):
     )
     resources = {"num_cpus": cfg.cpus_per_replica, **({"num_gpus": cfg.gpus_per_replica} if cfg.gpus_per_replica else {})}
     threads = str(max(1, int(cfg.cpus_per_replica)))
-    return OpenAIServer.options(
-        name="OpenAIServer",
+    engine = GenerationReplica.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={**resources, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads,
                                                                      "TOKENIZERS_PARALLELISM": "false"}}},
         **scaling,
-    ).bind(cfg.model_dump(mode="json"))
+    ).bind(config)
+    return OpenAIServer.options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests * max(cfg.max_replicas, 1),
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}},
+    ).bind(config, engine)

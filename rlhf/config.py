@@ -482,6 +482,8 @@ class ServeConfig(StageConfig):
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache per replica")
     request_timeout_s: float = Field(300.0, gt=0, description="the proxy ends requests that take longer")
+    replica_retries: int = Field(2, ge=0, description="a request whose replica dies is retried on another this often")
+    ingress_replicas: int = Field(1, gt=0, description="HTTP ingress replicas (light: validate and forward)")
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:

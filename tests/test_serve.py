@@ -1,6 +1,7 @@
 """`rlhf serve`: the real Ray Serve app on a free loopback port, driven by the official openai client
-and raw HTTP. One server (tiny model + a LoRA adapter, API key on) is started for the module by the
-CLI in a subprocess, and stopped at the end with SIGINT, as a user's Ctrl-C would."""
+and raw HTTP. One server (tiny model + a LoRA adapter, API key on, two generation replicas) is started
+for the module by the CLI in a subprocess, loses a replica under load, and is stopped at the end with
+SIGINT, as a user's Ctrl-C would."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def server(tiny_model_dir, adapter_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("serve")
     process, url = spawn([str(tiny_model_dir), f"adapter_path={adapter_dir}", f"model_name={NAME}",
-                          f"api_key={API_KEY}", "ray.num_cpus=2"], out, port=free_port(), log_path=out / "server.log")
+                          f"api_key={API_KEY}", "ray.num_cpus=2", "min_replicas=2", "max_replicas=2",
+                          "cpus_per_replica=1", "kv_cache_gib=0.25"],
+                         out, port=free_port(), log_path=out / "server.log")
     yield url, process, out
     if process.poll() is None:  # the stop test did not run or failed
         process.send_signal(signal.SIGINT)
@@ -255,6 +258,52 @@ def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
 
 
 # --------------------------------------------------------------------------------------------------
+# A replica killed under load (then replaced)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_replica_killed_under_load_loses_no_request(server):
+    import asyncio
+
+    url = server[0]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def one(http, gate, i: int) -> tuple[int, str]:
+        async with gate:
+            try:
+                response = await asyncio.wait_for(http.post("/v1/completions", json={
+                    "model": NAME, "prompt": f"Request {i}", "max_tokens": 24}), 60)
+            except (asyncio.TimeoutError, httpx.HTTPError) as exc:
+                return -1, type(exc).__name__  # lost: no answer within the bound
+            return response.status_code, response.headers.get("retry-after", "")
+
+    async def load_with_a_kill() -> tuple[list, int]:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=90) as http:
+            gate = asyncio.Semaphore(8)
+            requests = [asyncio.create_task(one(http, gate, i)) for i in range(48)]
+            await asyncio.sleep(1.0)
+            victim = (await http.get("/health")).json()["replica_pid"]
+            os.kill(victim, signal.SIGKILL)
+            return await asyncio.gather(*requests), victim
+
+    outcomes, victim = asyncio.run(load_with_a_kill())
+    statuses = [status for status, _ in outcomes]
+    assert -1 not in statuses, f"requests lost: {outcomes}"
+    # Each request is answered, or refused with a clean retryable 503 (with Retry-After).
+    assert all(status == 200 or (status == 503 and after) for status, after in outcomes), outcomes
+    assert statuses.count(200) >= 40, outcomes
+
+    # Serve replaces the replica: two live replicas again, neither the one killed.
+    deadline, seen = time.monotonic() + 150, set()
+    while time.monotonic() < deadline and len(seen - {victim}) < 2:
+        reply = httpx.get(url + "/health", timeout=30)
+        if reply.status_code == 200:
+            seen.add(reply.json()["replica_pid"])
+        time.sleep(0.2)
+    assert len(seen - {victim}) >= 2, f"replica pids seen after the kill: {seen} (killed {victim})"
+
+
+# --------------------------------------------------------------------------------------------------
 # Stopping (last: it ends the module's server)
 # --------------------------------------------------------------------------------------------------
 
@@ -279,9 +328,10 @@ def test_rayservice_app_builder_takes_config_and_overrides(monkeypatch, tiny_mod
     monkeypatch.setenv("RLHF_API_KEY", "from-env")
     app = build_app({"config": None, "overrides": [f"model.path={tiny_model_dir}", "max_replicas=3"]})
     assert isinstance(app, Application)
-    deployment = app._bound_deployment  # what Serve will create: the config each replica gets
-    assert deployment.init_args[0]["api_key"] == "from-env"  # resolved where the app is built
-    assert deployment.init_args[0]["max_replicas"] == 3
-    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    ingress = app._bound_deployment  # what Serve will create: the ingress, bound to the engine replicas
+    config, engine = ingress.init_args
+    assert config["api_key"] == "from-env"  # resolved where the app is built
+    assert engine._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert engine._bound_deployment.init_args[0]["api_key"] == "from-env"
     with pytest.raises(ConfigError, match="overides"):
         build_app({"config": None, "overides": []})
