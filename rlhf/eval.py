@@ -2,11 +2,13 @@
 held-out prompts.
 
 Per model: mean judge score and reward-model score with 95% confidence intervals, KL(model ||
-reference) estimated on the model's own samples, mean response length and distinct-n. Between them:
-the policy's win rate over the reference (same prompt; the judge decides; ties count half). Writes
-``eval.json`` (``before``/``after`` blocks with ``judge``, ``reward``, ``kl``), ``eval.md`` with
-sample responses side by side, and ``eval.png`` (score distributions; reward and KL curves of the
-PPO run when ``ppo_metrics`` is given).
+reference) estimated on the model's own samples, mean response length and distinct-n, and (with
+``sft_data``) perplexity on held-out SFT responses. Between them: the policy's win rate over the
+reference (same prompt; the judge decides; ties count half). With ``preference_data``: the reward
+model's accuracy on held-out pairs. Writes ``eval.json`` (``before``/``after`` blocks with ``judge``,
+``reward``, ``kl``, ``perplexity``; ``reward_model`` with ``accuracy``), ``eval.md`` with sample
+responses side by side, and ``eval.png`` (score distributions; reward and KL curves of the PPO run
+when ``ppo_metrics`` is given).
 """
 
 from __future__ import annotations
@@ -53,6 +55,50 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def response_perplexity(model, items: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Perplexity of a causal LM on SFT items ``{"input_ids", "labels"}`` (labels -100 on the prompt):
+    exp of the mean next-token NLL over all response tokens of all items (token-weighted, so long
+    responses count for more, as in the SFT stage's eval/perplexity). Returns perplexity, nll, tokens."""
+    from rlhf.algorithms.losses import ptx_loss
+    from rlhf.data.tokenize import collate_sft
+    from rlhf.sft import labelled_tokens
+
+    device = next(model.parameters()).device
+    nll_sum, tokens = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(items[start:start + batch_size], pad_id).items()}
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        count = labelled_tokens(batch["labels"])
+        nll_sum += ptx_loss(logits, batch["labels"]).item() * count  # ptx_loss is the mean over labelled tokens
+        tokens += count
+    if not tokens:
+        raise ValueError("perplexity: the held-out SFT items have no response tokens")
+    nll = nll_sum / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
+
+
+def reward_model_accuracy(model, items: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """A scalar-head reward model on preference items ``{"chosen_ids", "rejected_ids"}``: the share of
+    pairs whose chosen sequence scores strictly higher (a tie counts as wrong, as in the rm stage) and
+    the mean margin (chosen minus rejected)."""
+    from rlhf.data.tokenize import collate_preferences
+    from rlhf.models import sequence_scores
+
+    if not items:
+        raise ValueError("reward-model accuracy needs at least one pair")
+    device = next(model.parameters()).device
+    correct, margin_sum = 0, 0.0
+    for start in range(0, len(items), batch_size):
+        batch = collate_preferences(items[start:start + batch_size], pad_id)
+        with torch.no_grad():
+            scores = sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+        chosen, rejected = scores.chunk(2)  # rows [:batch] chosen, [batch:] rejected
+        correct += int((chosen > rejected).sum())
+        margin_sum += float((chosen - rejected).sum())
+    return {"accuracy": correct / len(items), "margin": margin_sum / len(items), "pairs": len(items)}
+
+
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> list[float]:
     """Per-sequence KL estimate (sum of k1 = log p - log q over response tokens), on samples from p.
     All (batch, seq); returns one float per row."""
@@ -90,9 +136,23 @@ def _kl_to_reference(samples, reference_model, pad_id: int, temperature: float) 
     return kls
 
 
-def _block(texts: list[str], judge: list[float], reward: list[float] | None, kl: list[float]) -> dict:
+def _held_out(kind: str, data, tokenizer, seed: int, field: str) -> list[dict]:
+    """The held-out part of a stage's data section, split and tokenised exactly as that stage does."""
+    from rlhf.data import load_preference_data, load_sft_data
+
+    loader = load_sft_data if kind == "sft" else load_preference_data
+    _, items = loader(data, tokenizer, seed=seed)
+    if not items:
+        raise ValueError(f"{field}: no held-out records from {data.train_path}; set {field}.eval_path "
+                         f"or {field}.eval_fraction > 0")
+    return items
+
+
+def _block(texts: list[str], judge: list[float], reward: list[float] | None, kl: list[float],
+           perplexity: dict | None) -> dict:
     judge_mean, judge_ci = mean_ci(judge)
     block = {"judge": judge_mean, "judge_ci95": judge_ci, "kl": sum(kl) / len(kl),
+             "perplexity": perplexity["perplexity"] if perplexity else None,
              "length_words": sum(len(t.split()) for t in texts) / len(texts),
              "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
     if reward is not None:
@@ -128,22 +188,35 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     judge = make_judge(cfg.judge)
     judge_before, judge_after = judge(prompts, before), judge(prompts, after)
-    reward_before = reward_after = None
+    reward_before = reward_after = accuracy = None
     if cfg.reward.path:
         scorer = RewardModelJudge(ModelConfig(path=cfg.reward.path, device="cpu"))
         reward_before, reward_after = scorer(prompts, before), scorer(prompts, after)
+        if cfg.preference_data is not None:
+            pairs = _held_out("preference", cfg.preference_data, scorer.tokenizer, cfg.seed, "preference_data")
+            accuracy = reward_model_accuracy(scorer.model, pairs, scorer.tokenizer.pad_token_id)
         del scorer
 
     reference_model = load_causal_lm(reference.model_copy(update={"device": "cpu"})).eval()
     temperature = cfg.sampling.temperature or 1.0
     kl_before = _kl_to_reference(before_samples, reference_model, tokenizer.pad_token_id, temperature)
     kl_after = _kl_to_reference(after_samples, reference_model, tokenizer.pad_token_id, temperature)
+    perplexity_before = perplexity_after = None
+    if cfg.sft_data is not None:
+        sft_items = _held_out("sft", cfg.sft_data, tokenizer, cfg.seed, "sft_data")
+        perplexity_before = response_perplexity(reference_model, sft_items, tokenizer.pad_token_id)
+        del reference_model
+        policy_model = load_causal_lm(policy.model_copy(update={"device": "cpu"})).eval()
+        perplexity_after = response_perplexity(policy_model, sft_items, tokenizer.pad_token_id)
+        del policy_model
 
     result = {
         "prompts": len(prompts),
-        "before": _block(before, judge_before, reward_before, kl_before),
-        "after": _block(after, judge_after, reward_after, kl_after),
+        "before": _block(before, judge_before, reward_before, kl_before, perplexity_before),
+        "after": _block(after, judge_after, reward_after, kl_after, perplexity_after),
         "policy_vs_reference": win_rate(judge_after, judge_before),
+        "perplexity_tokens": perplexity_before["tokens"] if perplexity_before else None,
+        "reward_model": accuracy,
     }
     flags = []
     if reward_after is not None and result["after"]["reward"] > result["before"]["reward"] \
@@ -176,13 +249,21 @@ def write_report(result: dict, out: Path, ppo_metrics: str | None = None) -> Non
         "# Evaluation: policy versus reference", "",
         f"{result['prompts']} held-out prompts. Win rate of the policy over the reference (judge): "
         f"**{result['policy_vs_reference']['win_rate']:.1%}**.", "",
-        "| | judge | reward | KL to reference | words | distinct-1 | distinct-2 |",
-        "|---|---|---|---|---|---|---|",
+        "| | judge | reward | KL to reference | words | distinct-1 | distinct-2 | perplexity |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, block in (("before (reference)", b), ("after (policy)", a)):
         lines.append(f"| {name} | {fmt(block['judge'], block['judge_ci95'])} | "
                      f"{fmt(block['reward'], block.get('reward_ci95'))} | {block['kl']:.3f} | "
-                     f"{block['length_words']:.1f} | {block['distinct_1']:.3f} | {block['distinct_2']:.3f} |")
+                     f"{block['length_words']:.1f} | {block['distinct_1']:.3f} | {block['distinct_2']:.3f} | "
+                     f"{fmt(block['perplexity'])} |")
+    if result["perplexity_tokens"]:
+        lines += ["", f"Perplexity: exp of the mean NLL over {result['perplexity_tokens']} response tokens "
+                      "of the held-out SFT records."]
+    if result["reward_model"]:
+        rm = result["reward_model"]
+        lines += ["", f"Reward model: **{rm['accuracy']:.1%}** accuracy on {rm['pairs']} held-out pairs "
+                      f"(chosen scored higher), mean margin {rm['margin']:.3f}."]
     if result["flags"]:
         lines += ["", "**Warnings:**", *[f"- {flag}" for flag in result["flags"]]]
     lines += ["", "## Sample responses", "", "| prompt | before | after |", "|---|---|---|"]
@@ -236,6 +317,8 @@ def run(cfg: EvalConfig) -> Path:
     result = evaluate(cfg)
     write_report(result, out, cfg.ppo_metrics)
     b, a = result["before"], result["after"]
-    log.info("eval: judge %.3f -> %.3f, reward %s -> %s, KL %.3f -> %.3f, win rate %.1f%%", b["judge"], a["judge"],
-             b["reward"], a["reward"], b["kl"], a["kl"], 100 * result["policy_vs_reference"]["win_rate"])
+    log.info("eval: judge %.3f -> %.3f, reward %s -> %s, KL %.3f -> %.3f, perplexity %s -> %s, win rate %.1f%%, "
+             "reward-model accuracy %s", b["judge"], a["judge"], b["reward"], a["reward"], b["kl"], a["kl"],
+             b["perplexity"], a["perplexity"], 100 * result["policy_vs_reference"]["win_rate"],
+             result["reward_model"] and result["reward_model"]["accuracy"])
     return out / "eval.json"
