@@ -659,7 +659,9 @@ def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
         raise explain(exc, cls, source) from None
 
 
-SECRET_KEY = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+# Names whose values are secrets: ending in a KEY/TOKEN word (api_key, HF_TOKEN, RAY_AUTH_TOKEN) or
+# containing SECRET/PASSWORD, but not max_new_tokens or stop_token_ids.
+SECRET_KEY = re.compile(r"(?:^|[^A-Za-z0-9])(?:KEY|TOKEN|APIKEY|PASSWD|CREDENTIALS?)$|SECRET|PASSWORD", re.IGNORECASE)
 
 
 def mask_secrets(tree: Any) -> Any:

@@ -117,3 +117,21 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "show", "sft", "optim.nope=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "optim.nope" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name,secret", [
+    ("api_key", True), ("HF_TOKEN", True), ("RAY_AUTH_TOKEN", True), ("AWS_SECRET_ACCESS_KEY", True),
+    ("WANDB_API_KEY", True), ("db_password", True), ("token", True), ("client_secret_id", True),
+    ("max_new_tokens", False), ("min_new_tokens", False), ("stop_token_ids", False), ("default_max_tokens", False),
+    ("keep_checkpoints", False), ("monkey", False),
+])
+def test_secret_looking_names(name, secret):
+    from rlhf.config import SECRET_KEY
+
+    assert bool(SECRET_KEY.search(name)) is secret
+
+
+def test_dump_keeps_token_counts_visible():
+    text = dump_config(load_config("serve", None, ["api_key=sk-x", "default_max_tokens=77"]))
+    assert "default_max_tokens: 77" in text and "sk-x" not in text
+    assert "max_new_tokens: 64" in dump_config(load_config("ppo"))
