@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import yaml
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -209,52 +210,26 @@ def test_health_needs_no_key(server):
     assert response.status_code == 200 and response.json()["model"] == NAME
 
 
-CHAT_OK = {"model": NAME, "messages": CHAT, "max_tokens": 4}
-BAD_REQUESTS = [
-    # (endpoint, raw body, status, param named in the error or None)
-    ("chat", b"{not json", 400, None),
-    ("chat", b"[1, 2]", 400, None),
-    ("chat", b"", 400, None),
-    ("chat", {"model": NAME}, 400, "messages"),
-    ("chat", {"model": NAME, "messages": []}, 400, "messages"),
-    ("chat", {"model": NAME, "messages": "hello"}, 400, "messages"),
-    ("chat", {"model": NAME, "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
-    ("chat", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
-    ("chat", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
-    ("chat", {**CHAT_OK, "temperature": "hot"}, 400, "temperature"),
-    ("chat", {**CHAT_OK, "temperature": 3}, 400, "temperature"),
-    ("chat", {**CHAT_OK, "n": 0}, 400, "n"),
-    ("chat", {**CHAT_OK, "n": 1000}, 400, "n"),
-    ("chat", {**CHAT_OK, "max_tokens": 0}, 400, "max_tokens"),
-    ("chat", {**CHAT_OK, "max_tokens": "10"}, 400, "max_tokens"),
-    ("chat", {**CHAT_OK, "max_tokens": 10**6}, 400, "max_tokens"),
-    ("chat", {**CHAT_OK, "stream": "yes"}, 400, "stream"),
-    ("chat", {**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("chat", {**CHAT_OK, "top_p": 0}, 400, "top_p"),
-    ("chat", {**CHAT_OK, "logit_bias": {"1": 5}}, 400, "logit_bias"),
-    ("chat", {**CHAT_OK, "model": "gpt-4"}, 404, "model"),
-    ("completions", {"model": NAME}, 400, "prompt"),
-    ("completions", {"model": NAME, "prompt": []}, 400, "prompt"),
-    ("completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
-    ("completions", {"model": NAME, "prompt": 42}, 400, "prompt"),
-    ("completions", {"model": NAME, "prompt": "hi", "seed": 1.5}, 400, "seed"),
-    ("completions", {"model": NAME, "prompt": "hi " * 3000, "max_tokens": 4}, 400, "prompt"),
-    ("completions", {"prompt": "hi"}, 400, "model"),
-]
+BAD_REQUESTS = yaml.safe_load((Path(__file__).parent / "bad_inputs" / "corpus.yaml").read_text())["http"]
 
 
-@pytest.mark.parametrize("endpoint,body,status,param", BAD_REQUESTS,
-                         ids=[f"{i}-{b[0]}-{b[3]}" for i, b in enumerate(BAD_REQUESTS)])
-def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(f"{server[0]}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
-                          content=raw, timeout=30,
+def corpus_body(case: dict) -> bytes:
+    """A corpus case's request body, with MODEL and LONG_PROMPT filled in."""
+    if case.get("raw"):
+        return case["body"].encode()
+    text = json.dumps(case["body"]).replace('"MODEL"', json.dumps(NAME))
+    return text.replace('"LONG_PROMPT"', json.dumps("hi " * 3000)).encode()
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c["id"] for c in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(server, case):
+    endpoint = "chat/completions" if case["endpoint"] == "chat" else "completions"
+    response = httpx.post(f"{server[0]}/v1/{endpoint}", content=corpus_body(case), timeout=30,
                           headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    assert response.status_code == status, response.text
+    assert response.status_code == case["status"], response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
-    if param is not None:
-        assert error["param"] == param, error
+    assert error["param"] == case["param"], error
 
 
 # --------------------------------------------------------------------------------------------------
