@@ -509,10 +509,10 @@ class RolloutGroup:
                  cpus_per_engine: float = 1.0, gpus_per_engine: float = 0.0, strategy: str = "PACK",
                  resource_timeout_s: float = 30.0, seed: int = 0, max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None, threads_per_engine: int | None = None,
-                 placement_group=None):
+                 placement_group=None, start_timeout_s: float = 900.0):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.runtime import create_placement_group
+        from cluster.runtime import create_placement_group, wait_for_actors
 
         self.rollout = rollout or RolloutConfig()
         count = self.rollout.engines
@@ -537,7 +537,9 @@ class RolloutGroup:
             for i in range(count)
         ]
         try:
-            self.engine_info = ray.get([engine.info.remote() for engine in self.engines])
+            self.engine_info = wait_for_actors([engine.info.remote() for engine in self.engines],
+                                               role=f"rollout engine ({self.rollout.backend})",
+                                               timeout_s=start_timeout_s)
         except Exception:
             self.shutdown()
             raise

@@ -9,6 +9,7 @@ that fails fast, naming what is missing, and are awaited with a timeout.
 from __future__ import annotations
 
 import os
+import re
 from collections import defaultdict
 
 from rlhf.config import RayConfig
@@ -16,6 +17,43 @@ from rlhf.config import RayConfig
 
 class ResourceError(RuntimeError):
     """The cluster cannot host what was asked for; the message says what is missing."""
+
+
+class ActorStartError(RuntimeError):
+    """Actors failed to start, or did not start in time; the message names the role and the cause."""
+
+
+# Causes whose fix is a setting of ours, not the library's (vLLM's own advice names GPU settings).
+_START_HINTS = {
+    "No available memory for the cache blocks": "raise rollout.kv_cache_gib",
+    "KV cache is needed": "raise rollout.kv_cache_gib or lower the context length",
+    "config.json": "model.path must be a Hugging Face model folder",
+}
+
+
+def root_cause(error: BaseException) -> str:
+    """The last ``SomeError: message`` line of a remote error's text (Ray wraps the traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b:?", line)]
+    return causes[-1] if causes else (lines[-1] if lines else type(error).__name__)
+
+
+def wait_for_actors(refs: list, *, role: str, timeout_s: float) -> list:
+    """``ray.get(refs)`` for the first call of freshly created actors, bounded: an actor whose
+    constructor failed, or that did not answer within ``timeout_s``, is an ActorStartError."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorStartError(
+            f"{role}: not started within {timeout_s:g} s (a slow model load, or no free resources: available "
+            f"{_fmt(ray.available_resources())}); ray.actor_start_timeout_s sets the bound"
+        ) from None
+    except ray.exceptions.RayActorError as exc:
+        cause = root_cause(exc)
+        hint = next((f" ({fix})" for text, fix in _START_HINTS.items() if text in str(exc)), "")
+        raise ActorStartError(f"{role} failed to start: {cause}{hint}") from None
 
 
 def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -> None:

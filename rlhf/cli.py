@@ -34,11 +34,11 @@ STAGE_MODULES = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: print it, no traceback."""
-    from cluster.runtime import ResourceError
+    from cluster.runtime import ActorStartError, ResourceError
     from rlhf.data.errors import DataError
     from rlhf.models.loading import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, ResourceError, FileNotFoundError)
+    return (ConfigError, DataError, ModelLoadError, ResourceError, ActorStartError, FileNotFoundError)
 
 
 def _add_stage_args(parser: argparse.ArgumentParser) -> None:

@@ -179,6 +179,9 @@ class RayConfig(Section):
     resource_timeout_s: float = Field(
         30.0, gt=0, description="how long to wait for a placement group before failing"
     )
+    actor_start_timeout_s: float = Field(
+        900.0, gt=0, description="how long actors (engines, learners, scorers) may take to start before failing"
+    )
 
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -421,3 +422,34 @@ def test_rollout_benchmark_smoke(vllm_group, tiny_model_dir, tmp_path):
             assert row[field] > 0
     assert set(data["weight_update_s"]["ray_x1"]) == {"object_store", "broadcast"}
     assert data["case"]["prompts"] == 4 and data["case"]["sampling"]["seed"] == cfg.seed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_engine_that_cannot_start_is_a_clear_error_in_bounded_time(ray_cluster, vllm_group, tiny_model_dir):
+    """A KV cache too small for one request: vLLM refuses to start; the error names the role, the
+    cause and our setting, and the group gives its bundle back."""
+    from actors.rollout import RolloutGroup
+    from cluster.runtime import ActorStartError
+
+    available = ray_cluster.available_resources().get("CPU", 0)
+    started = time.monotonic()
+    with pytest.raises(ActorStartError, match=r"rollout engine \(vllm\) failed to start: ValueError: .*cache.*"
+                                              r"\(raise rollout.kv_cache_gib\)"):
+        RolloutGroup(str(tiny_model_dir), RolloutConfig(kv_cache_gib=1e-6), cpus_per_engine=0.5, max_model_len=512)
+    assert time.monotonic() - started < 90
+    deadline = time.monotonic() + 30
+    while ray_cluster.available_resources().get("CPU", 0) < available and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == available
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_engine_slower_than_the_start_bound_is_an_error(ray_cluster, vllm_group, tiny_model_dir):
+    from actors.rollout import RolloutGroup
+    from cluster.runtime import ActorStartError
+
+    with pytest.raises(ActorStartError, match=r"not started within 0.5 s"):
+        RolloutGroup(str(tiny_model_dir), RolloutConfig(kv_cache_gib=0.25), cpus_per_engine=0.5,
+                     max_model_len=512, start_timeout_s=0.5)
