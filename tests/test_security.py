@@ -1,0 +1,136 @@
+"""Security defaults: weights only from safetensors (a pickled checkpoint is refused everywhere we
+load weights), no model code runs unless the config says so, the serve app binds loopback and checks
+the API key in constant time, and configs and job commands mask secret values."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import STAGES, ModelConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def pickled_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its weights as a pickle (pytorch_model.bin) and no safetensors file."""
+    out = tmp_path_factory.mktemp("pickled")
+    for item in tiny_model_dir.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, out / item.name)
+    state = {k: v.clone() for k, v in __import__("safetensors.torch").torch.load_file(
+        str(tiny_model_dir / "model.safetensors")).items()}
+    torch.save(state, out / "pytorch_model.bin")
+    return out
+
+
+def test_causal_lm_and_scalar_models_refuse_pickled_weights(pickled_model_dir):
+    from rlhf.models import load_causal_lm
+    from rlhf.models.heads import load_scalar_model
+    from rlhf.models.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=str(pickled_model_dir)):
+        load_causal_lm(ModelConfig(path=str(pickled_model_dir)))
+    with pytest.raises(ModelLoadError, match=str(pickled_model_dir)):
+        load_scalar_model(ModelConfig(path=str(pickled_model_dir)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_vllm_engine_refuses_pickled_weights(pickled_model_dir):
+    from actors.rollout import VLLMBackend
+
+    with pytest.raises(Exception, match="safetensors"):
+        VLLMBackend(str(pickled_model_dir), max_model_len=256, kv_cache_gib=0.1)
+
+
+def test_served_adapter_must_be_safetensors(tiny_model_dir, tmp_path):
+    from cluster.serving import merge_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    torch.save({}, adapter / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        merge_adapter(ModelConfig(path=str(tiny_model_dir)), str(adapter), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_model_code_runs_only_when_the_config_says_so(tiny_model_dir, tmp_path):
+    """A folder whose config points at custom code: refused by default, and every stage's model
+    sections default trust_remote_code to off."""
+    from rlhf.models import load_causal_lm
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "evil.py").write_text("raise SystemExit('custom code ran')\n")
+    model = load_causal_lm(ModelConfig(path=str(remote)))  # the built-in class; evil.py never runs
+    assert type(model).__name__ == "LlamaForCausalLM"
+    with pytest.raises(SystemExit, match="custom code ran"):  # what the switch would allow
+        load_causal_lm(ModelConfig(path=str(remote), trust_remote_code=True))
+
+    def model_sections(node, where=""):
+        if isinstance(node, ModelConfig):
+            yield where, node
+        elif hasattr(node, "model_fields"):
+            for name in type(node).model_fields:
+                yield from model_sections(getattr(node, name), f"{where}.{name}")
+
+    for stage, cls in STAGES.items():
+        for where, section in model_sections(cls()):
+            assert section.trust_remote_code is False, f"{stage}{where}.trust_remote_code defaults to on"
+
+
+def test_serve_binds_loopback_by_default_and_warns_without_a_key_elsewhere(caplog, monkeypatch, tmp_path):
+    from rlhf import serve
+
+    assert load_config("serve").host == "127.0.0.1"
+    monkeypatch.delenv("RLHF_API_KEY", raising=False)
+    # Stop right after the checks, before Ray: the port probe is the last step before it.
+    monkeypatch.setattr(serve, "_check_port_free", lambda host, port: (_ for _ in ()).throw(KeyboardInterrupt))
+    cfg = load_config("serve", None, ["model.path=tiny", "host=0.0.0.0", f"output_dir={tmp_path}"])
+    with caplog.at_level("WARNING", logger="rlhf.serve"), pytest.raises(KeyboardInterrupt):
+        serve.run(cfg)
+    assert "without an API key" in caplog.text
+
+
+def test_api_key_is_compared_in_constant_time(monkeypatch):
+    """The check goes through hmac.compare_digest (its time does not depend on where the first
+    difference is), for right and wrong keys alike."""
+    import hmac
+
+    from cluster import serving
+    from rlhf.openai_api import APIError
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(serving.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+
+    class FakeRequest:
+        def __init__(self, header):
+            self.headers = {"authorization": header} if header else {}
+
+    server = object.__new__(serving.OpenAIServer.func_or_class)
+    server.api_key = "s3cret-key"
+    server._authorize(FakeRequest("Bearer s3cret-key"))
+    with pytest.raises(APIError) as wrong:
+        server._authorize(FakeRequest("Bearer s3cret-kez"))
+    assert wrong.value.status == 401
+    assert calls == [(b"s3cret-key", b"s3cret-key"), (b"s3cret-kez", b"s3cret-key")]
+
+
+def test_secrets_are_masked_in_config_dumps_and_job_commands():
+    from cluster.jobs import mask_override
+    from rlhf.config import dump_config
+
+    text = dump_config(load_config("serve", None, ["api_key=sk-live-123"]))
+    assert "sk-live-123" not in text and "api_key: '***'" in text
+    assert mask_override("serve.api_key=sk-live-123") == "serve.api_key=***"
+    assert mask_override("job.env_vars.HF_TOKEN=hf_abc") == "job.env_vars.HF_TOKEN=***"
+    assert mask_override("rollout.sampling.max_new_tokens=64") == "rollout.sampling.max_new_tokens=64"
