@@ -9,7 +9,6 @@ base of the policy and critic actors: it owns the DeepSpeed engine and the code 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -74,20 +73,17 @@ class Learner:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
-    def save_pretrained(self, folder: str) -> str | None:
-        """Write a Hugging Face folder of the current weights (rank 0), via a staging name."""
+    def save_pretrained(self, folder: str, adapter_folder: str | None = None) -> str | None:
+        """Write a Hugging Face folder of the current weights (rank 0; every rank must call it: ZeRO-3
+        gathers) through the shared writer, ``rlhf.models.saving.save_model_folder``: a LoRA model's
+        folder holds merged weights, and its adapter alone goes to ``adapter_folder`` when given."""
+        from rlhf.models.saving import save_model_folder
+
         state = self.full_state_dict()
         if self.rank != 0:
             return None
-        module = self.engine.module
-        out = Path(folder)
-        staging = out.with_name(out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        module.save_pretrained(staging, state_dict=state)
-        self.tokenizer.save_pretrained(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
-        return str(out)
+        return str(save_model_folder(self.engine.module, self.tokenizer, Path(folder), state_dict=state,
+                                     adapter_out=Path(adapter_folder) if adapter_folder else None))
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -1,7 +1,12 @@
 """The policy: a DeepSpeed learner rank holding the causal LM being aligned.
 
 ``train`` runs PPO epochs over this rank's share of one experience batch. The loss itself is
-``rlhf.algorithms.losses.total_policy_loss``; this actor only feeds it tensors.
+``rlhf.algorithms.losses.total_policy_loss``; this actor only feeds it tensors (and, with
+``ppo.ptx_coef``, the PTX micro-batches the controller drew for it).
+
+With ``model.lora`` the policy is the frozen base plus a trainable peft adapter. The engines then get
+merged weights, and the policy can stand in for the reference: ``reference_logprobs`` runs the
+base with the adapter disabled, so no second copy of the model is loaded.
 """
 
 from __future__ import annotations
@@ -9,20 +14,29 @@ from __future__ import annotations
 import torch
 
 from actors.group import Learner
-from rlhf.algorithms import entropy_from_logits, logprob_diff, mean_stats, ppo_schedule, token_logprobs, total_policy_loss
+from rlhf.algorithms import (
+    causal_lm_logprobs, entropy_from_logits, logprob_diff, mean_stats, ppo_schedule, ptx_loss, token_logprobs,
+    total_policy_loss,
+)
 from rlhf.algorithms.batching import select
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
 
 class PolicyLearner(Learner):
     def setup(self, model_cfg: ModelConfig, path: str, algo: PPOAlgoConfig, ds: DeepSpeedConfig,
-              temperature: float, seed: int) -> None:
-        from rlhf.models import load_causal_lm, load_tokenizer
+              temperature: float, seed: int, adapter_path: str | None = None) -> None:
+        """Load the policy from ``path``. With ``model_cfg.lora``: ``path`` is the base model and the
+        adapter is new, or the one saved in ``adapter_path`` (a resumed run)."""
+        from rlhf.models import attach_lora, load_causal_lm, load_tokenizer
+        from rlhf.models.lora import load_lora
 
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
         # Master weights in fp32; DeepSpeed's bf16 mode handles low precision when model.dtype asks.
         model = load_causal_lm(model_cfg.model_copy(update={"dtype": "float32"}), path=path, device=self.device.type)
+        self.lora = model_cfg.lora is not None
+        if self.lora:
+            model = load_lora(model, adapter_path) if adapter_path else attach_lora(model, model_cfg.lora)
         self._initialize(model, learning_rate=algo.policy_learning_rate, ds=ds, algo=algo, bf16=model_cfg.dtype == "bfloat16")
         self.algo, self.temperature, self.seed = algo, temperature, seed
 
@@ -33,15 +47,43 @@ class PolicyLearner(Learner):
         logits = self.engine(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids).logits[:, :-1]
         return token_logprobs(logits, batch["input_ids"][:, 1:], self.temperature), logits
 
-    def train(self, experience: dict[str, torch.Tensor], kl_coef: float, iteration: int) -> dict[str, float]:
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """(batch, seq - 1) logprobs under the reference, the frozen base: this LoRA policy with its
+        adapter disabled. Same numbers as a separate reference actor on the base model, without a
+        second copy. Every rank calls it with its share (ZeRO-3 gathers parameters in the forward)."""
+        if not self.lora:
+            raise RuntimeError("reference_logprobs needs a LoRA policy: without an adapter the policy is not the reference")
+        module = self.engine.module
+        self.engine.eval()
+        with module.disable_adapter():
+            return causal_lm_logprobs(module, batch["input_ids"].to(self.device),
+                                      batch["attention_mask"].to(self.device), temperature).float().cpu()
+
+    def _ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The LM loss on one PTX micro-batch (input_ids, attention_mask, labels (batch, seq)), at
+        temperature 1: the policy should stay a good model of the SFT data itself."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return ptx_loss(logits, batch["labels"])
+
+    def train(self, experience: dict[str, torch.Tensor], kl_coef: float, iteration: int,
+              ptx_batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
         """PPO epochs over this rank's experience. Keys: input_ids, attention_mask, action_mask,
-        logprobs (behaviour policy, from the engine), advantages, and ref_logprobs when KL is in the loss."""
+        logprobs (behaviour policy, from the engine), advantages, and ref_logprobs when KL is in the loss.
+        With ``ppo.ptx_coef > 0``, ``ptx_batches`` holds one SFT micro-batch (``collate_sft`` layout)
+        per policy micro-batch of this call, in training order."""
         algo = self.algo
         n = experience["input_ids"].shape[0]
         schedule = ppo_schedule(n, algo.micro_batch_size, epochs=algo.epochs, seed=self.seed + iteration,
                                 grad_accum=algo.grad_accum)
+        micro_count = sum(len(step) for step in schedule)
+        if algo.ptx_coef > 0 and (ptx_batches is None or len(ptx_batches) != micro_count):
+            raise ValueError(f"ppo.ptx_coef > 0: expected {micro_count} PTX micro-batches (one per policy "
+                             f"micro-batch), got {0 if ptx_batches is None else len(ptx_batches)}")
         self.engine.train()
         stats, diffs = [], []
+        micro_index = 0
         for step_index, optimizer_step in enumerate(schedule):
             for micro in optimizer_step:
                 batch = {k: v.to(self.device) for k, v in select(experience, micro.indices).items()}
@@ -49,12 +91,14 @@ class PolicyLearner(Learner):
                 mask = batch["action_mask"]
                 want_entropy = algo.entropy_coef > 0
                 entropy = entropy_from_logits(logits if want_entropy else logits.detach())
+                ptx = self._ptx_loss(ptx_batches[micro_index]) if algo.ptx_coef > 0 else None
+                micro_index += 1
                 loss, micro_stats = total_policy_loss(
                     logprobs=logprobs, old_logprobs=batch["logprobs"], advantages=batch["advantages"],
                     action_mask=mask, clip_ratio=algo.clip_ratio, dual_clip=algo.dual_clip,
                     kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
                     kl_coef=kl_coef, kl_estimator=algo.kl.estimator,
-                    entropy=entropy, entropy_coef=algo.entropy_coef,
+                    entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx, ptx_coef=algo.ptx_coef,
                 )
                 self.engine.backward(loss)
                 self.engine.step()
@@ -72,12 +116,22 @@ class PolicyLearner(Learner):
 
     # Weight sync to the rollout engines --------------------------------------------------------
 
+    def rollout_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The weights the engines load, on rank 0 (None elsewhere; every rank must call it): the full
+        state dict, with a LoRA adapter merged in under the plain model's names."""
+        from rlhf.models.lora import lora_scaling, merged_state_dict
+
+        state = self.full_state_dict()
+        if state is None or not self.lora:
+            return state
+        return merged_state_dict(state, lora_scaling(self.engine.module))
+
     def packed_weights(self):
         """Object-store transport: rank 0 returns the full weights packed for ``ray.put`` (the
         engines read them from its return value); other ranks return None. Every rank must call it."""
         from actors.weight_sync import pack_weights
 
-        state = self.full_state_dict()
+        state = self.rollout_state_dict()
         return pack_weights(state) if state is not None else None
 
     def open_weight_broadcast(self, num_receivers: int) -> tuple[str, int, int]:
@@ -94,5 +148,5 @@ class PolicyLearner(Learner):
 
     def broadcast_weights(self) -> dict | None:
         """Every rank gathers (ZeRO-3); rank 0 streams the weights to the engines in buckets."""
-        state = self.full_state_dict()
+        state = self.rollout_state_dict()
         return self.broadcaster.broadcast(state) if state is not None else None

@@ -358,7 +358,10 @@ class PPOAlgoConfig(Section):
     dual_clip: float | None = Field(None, gt=1)
     value_clip: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0)
-    ptx_coef: float = Field(0.0, ge=0, description="weight of an LM loss on SFT data mixed in")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="weight of the PTX loss: an LM loss on a micro-batch of ptx_data (SFT records, "
+        "response tokens only) added to each policy micro-batch's loss (InstructGPT); needs ptx_data",
+    )
     whiten_advantages: bool = True
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     rollout_batch_size: int = Field(16, gt=0, description="prompts per iteration")
@@ -455,6 +458,20 @@ class PPOConfig(StageConfig):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig(zero_stage=0))
+    ptx_data: DataConfig | None = Field(
+        None, description="SFT records (prompt/response, as for `rlhf sft`) for the PTX loss of ppo.ptx_coef; "
+        "with phase_split it takes the sft share. Each policy micro-batch draws ppo.micro_batch_size of them, "
+        "in an order fixed by seed and iteration",
+    )
+    reference_from_policy: bool | None = Field(
+        None, description="with model.lora: reference logprobs from the policy learner with its adapter "
+        "disabled (the frozen base), so no reference actor and no second model copy. Default: on with "
+        "model.lora; false starts a separate reference actor. Needs model.lora",
+    )
+    save_adapter_only: bool = Field(
+        False, description="with model.lora: final/ holds only the adapter (adapter/ always holds it; "
+        "checkpoints keep merged weights too)",
+    )
     policy_workers: int = Field(1, gt=0)
     critic_workers: int = Field(1, gt=0)
     steps: int = Field(20, gt=0, description="PPO iterations")

@@ -5,8 +5,13 @@ Who holds what:
     RolloutGroup  (actors/rollout.py)    vLLM engines (or HF generate) that sample responses
     PolicyLearner (actors/policy.py)     DeepSpeed ranks training the policy (the PPO loss)
     CriticLearner (actors/critic.py)     DeepSpeed ranks training the value model (GAE only)
-    ReferenceModel (actors/reference.py) the frozen initial policy, for the KL penalty
+    ReferenceModel (actors/reference.py) the frozen initial policy, for the KL penalty; with model.lora
+                                         (reference_from_policy) none: the policy learner answers with
+                                         its adapter disabled
     RewardScorer  (actors/reward.py)     a reward model, a Python function, an HTTP endpoint or the judge
+
+With ppo.ptx_coef > 0 the controller also draws one SFT micro-batch (ptx_data) per policy micro-batch,
+in an order fixed by (seed, iteration), and the policy adds its LM loss (InstructGPT's PTX term).
 
 One iteration is ``PPOTrainer.step``: generate -> reference logprobs, values and rewards in parallel
 -> KL and advantages (pure torch, rlhf/algorithms) -> train critic and policy -> sync weights to the
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +39,7 @@ from rlhf.data.split import epoch_permutation
 log = logging.getLogger("rlhf.ppo")
 
 STATE_FILE = "controller_state.json"
+ADAPTER_DIR = "policy_adapter"  # a checkpoint's LoRA adapter, beside the merged policy/ folder
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -48,10 +55,23 @@ def check_config(cfg: PPOConfig) -> None:
             )
     if algo.advantage in ("grpo", "rloo") and cfg.rollout.sampling.n < 2:
         raise ConfigError(f"ppo.advantage {algo.advantage} compares samples of one prompt: set rollout.sampling.n >= 2")
-    if cfg.model.lora is not None:
-        raise ConfigError("model.lora: LoRA in the PPO stage is not supported yet (SFT and RM support it)")
-    if algo.ptx_coef > 0:
-        raise ConfigError("ppo.ptx_coef: the PTX loss is not wired into the PPO stage yet; set it to 0")
+    lora = cfg.model.lora is not None
+    if cfg.reference_from_policy and not lora:
+        raise ConfigError("reference_from_policy: true needs model.lora (the reference is the policy with its "
+                          "adapter disabled); without LoRA the reference is a separate actor")
+    if cfg.save_adapter_only and not lora:
+        raise ConfigError("save_adapter_only: true needs model.lora (there is no adapter to save)")
+    if cfg.critic is not None and cfg.critic.lora is not None:
+        raise ConfigError("critic.lora: LoRA applies to the policy only; the critic trains all its weights")
+    if algo.ptx_coef > 0 and cfg.ptx_data is None:
+        raise ConfigError("ppo.ptx_coef > 0 needs ptx_data: SFT records (prompt/response) for the PTX loss")
+    if cfg.ptx_data is not None and algo.ptx_coef == 0:
+        raise ConfigError("ptx_data is set but ppo.ptx_coef is 0: set ppo.ptx_coef > 0 to use it, or drop ptx_data")
+
+
+def reference_from_policy(cfg: PPOConfig) -> bool:
+    """Whether the LoRA policy with its adapter disabled serves as the reference (no reference actor)."""
+    return cfg.model.lora is not None if cfg.reference_from_policy is None else cfg.reference_from_policy
 
 
 def batch_indices(iteration: int, n_items: int, batch_size: int, seed: int) -> list[int]:
@@ -60,6 +80,16 @@ def batch_indices(iteration: int, n_items: int, batch_size: int, seed: int) -> l
     per_epoch = max(1, n_items // batch_size)
     epoch, offset = divmod(iteration, per_epoch)
     return epoch_permutation(n_items, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
+def ptx_micro_batches(iteration: int, *, rank: int, world: int, micro_batches: int, n_items: int,
+                      batch_size: int, seed: int) -> list[list[int]]:
+    """Rows of the PTX data for each of rank ``rank``'s ``micro_batches`` policy micro-batches at
+    ``iteration``. Draw ``k`` of every rank is slot ``(iteration * micro_batches + k) * world + rank``
+    of the same per-epoch-permutation stream as the prompts (:func:`batch_indices`), so ranks never
+    share a draw, every item is seen once per epoch, and a resumed run draws what the full run would."""
+    return [batch_indices((iteration * micro_batches + k) * world + rank, n_items, batch_size, seed)
+            for k in range(micro_batches)]
 
 
 def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tensor, values: torch.Tensor | None,
@@ -130,6 +160,11 @@ class PPOTrainer:
             raise ConfigError(f"resume_from {start_from}: not a PPO checkpoint (no {STATE_FILE})")
         base_path = resolve_model_path(cfg.model.path)
         policy_path = str(start_from / "policy") if start_from else base_path
+        # With LoRA the learner always loads the base (its adapter disabled is the reference) plus
+        # the checkpoint's adapter; the engines load the checkpoint's merged weights.
+        self.lora = cfg.model.lora is not None
+        learner_path = base_path if self.lora else policy_path
+        adapter_path = str(check_resume_adapter(start_from, cfg)) if self.lora and start_from else None
         critic_source = cfg.critic.path if cfg.critic else (cfg.reward.path or cfg.model.path)
         critic_path = str(start_from / "critic") if start_from and (start_from / "critic").is_dir() \
             else resolve_model_path(critic_source)
@@ -138,8 +173,10 @@ class PPOTrainer:
         self.prompts, self.eval_prompts = load_prompt_data(cfg.data, self.tokenizer, seed=cfg.seed, phase=2)
         if len(self.prompts) < cfg.ppo.rollout_batch_size:
             raise ConfigError(f"{len(self.prompts)} prompts cannot fill ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
+        self.ptx_items = load_ptx_data(cfg, self.tokenizer)
         self.sampling = cfg.rollout.sampling
         self.use_critic = needs_critic(cfg.ppo.advantage)
+        self.reference_from_policy = reference_from_policy(cfg)
 
         init_ray(cfg.ray)
         log.info("ppo: Ray ready in %.1f s", time.perf_counter() - started)
@@ -148,7 +185,7 @@ class PPOTrainer:
         # fails here, naming the role, before any actor starts.
         self.placement = place_actors(cfg.placement, {
             "policy": cfg.policy_workers, "critic": cfg.critic_workers if self.use_critic else 0,
-            "reference": 1, "reward": 1, "rollout": cfg.rollout.engines,
+            "reference": 0 if self.reference_from_policy else 1, "reward": 1, "rollout": cfg.rollout.engines,
         }, timeout_s=cfg.ray.resource_timeout_s)
         rollout_group, _, engine_cpus, engine_gpus = self.placement.group_of("rollout")
         self.engines = RolloutGroup(
@@ -159,8 +196,8 @@ class PPOTrainer:
         group, indices, cpus, gpus = self.placement.group_of("policy")
         self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=group,
                                    bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="policy")
-        setups = self.policy.call("setup", cfg.model, policy_path, cfg.ppo, cfg.deepspeed,
-                                  self.sampling.temperature or 1.0, cfg.seed)
+        setups = self.policy.call("setup", cfg.model, learner_path, cfg.ppo, cfg.deepspeed,
+                                  self.sampling.temperature or 1.0, cfg.seed, adapter_path)
         self.critic = None
         if self.use_critic:
             group, indices, cpus, gpus = self.placement.group_of("critic")
@@ -168,8 +205,10 @@ class PPOTrainer:
                                        bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="critic")
             setups += self.critic.call("setup", cfg.critic or cfg.model, critic_path, cfg.ppo, cfg.deepspeed, cfg.seed)
 
-        self.reference = ray.remote(ReferenceModel).options(**self.placement.slots["reference"][0].options()).remote(
-            cfg.model, base_path)
+        self.reference = None  # with reference_from_policy the policy learners answer for it
+        if not self.reference_from_policy:
+            self.reference = ray.remote(ReferenceModel).options(
+                **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path)
         self.reward = ray.remote(RewardScorer).options(**self.placement.slots["reward"][0].options()).remote(
             cfg.reward, cfg.model.dtype)
         ray.get(setups)
@@ -213,13 +252,17 @@ class PPOTrainer:
         batch = samples_to_batch(samples, self.tokenizer.pad_token_id)
         rollout = {k: batch[k] for k in ("input_ids", "attention_mask")}
         temperature = self.sampling.temperature or 1.0
-        ref_ref = self.reference.logprobs.remote(rollout, temperature)
+        if self.reference is not None:
+            ref_refs = [self.reference.logprobs.remote(rollout, temperature)]
+        else:
+            ref_refs = self.policy.call_sharded("reference_logprobs", shard(rollout, len(self.policy.actors)),
+                                                temperature)
         value_refs = (self.critic.call_sharded("values", shard(rollout, len(self.critic.actors)))
                       if self.critic else [])
         texts = [s.text for s in samples]
         prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
         score_ref = self.reward.scores.remote(prompt_texts, texts)
-        ref_logprobs = ray.get(ref_ref)
+        ref_logprobs = torch.cat(ray.get(ref_refs))
         values = torch.cat(ray.get(value_refs)) if value_refs else None
         scores = torch.tensor(ray.get(score_ref), dtype=torch.float32)
 
@@ -235,10 +278,11 @@ class PPOTrainer:
         # 4. Train critic and policy (in parallel: different actors).
         started = time.perf_counter()
         policy_keys = ["input_ids", "attention_mask", "action_mask", "logprobs", "advantages", "ref_logprobs"]
-        policy_refs = self.policy.call_sharded(
-            "train", shard({k: experience[k] for k in policy_keys}, len(self.policy.actors)),
-            self.kl_controller.value, self.iteration,
-        )
+        world = len(self.policy.actors)
+        policy_shards = shard({k: experience[k] for k in policy_keys}, world)
+        ptx = self.ptx_batches(len(samples) // world, world)
+        policy_refs = [actor.train.remote(part, self.kl_controller.value, self.iteration, ptx[rank])
+                       for rank, (actor, part) in enumerate(zip(self.policy.actors, policy_shards))]
         critic_refs = []
         if self.critic:
             critic_keys = ["input_ids", "attention_mask", "action_mask", "values", "returns"]
@@ -262,6 +306,22 @@ class PPOTrainer:
         return {**metrics, **policy_stats, **critic_stats, **timings,
                 "throughput/tokens_per_s": generated / timings["timing/step"]}
 
+    def ptx_batches(self, rows_per_rank: int, world: int) -> list[list[dict[str, torch.Tensor]] | None]:
+        """Per rank, one collated PTX micro-batch per policy micro-batch of this iteration (None
+        without PTX). The learner's schedule has ``epochs x ceil(rows / micro_batch_size)``
+        micro-batches; it checks the count."""
+        from rlhf.data.tokenize import collate_sft
+
+        if not self.ptx_items:
+            return [None] * world
+        algo = self.cfg.ppo
+        count = algo.epochs * math.ceil(rows_per_rank / algo.micro_batch_size)
+        return [[collate_sft([self.ptx_items[i] for i in rows], self.tokenizer.pad_token_id)
+                 for rows in ptx_micro_batches(self.iteration, rank=rank, world=world, micro_batches=count,
+                                               n_items=len(self.ptx_items), batch_size=algo.micro_batch_size,
+                                               seed=self.cfg.seed)]
+                for rank in range(world)]
+
     def sync_weights(self) -> None:
         """Policy rank 0's full weights to every engine: through the object store (the engines read
         rank 0's return value directly), or streamed over a broadcast group."""
@@ -284,7 +344,8 @@ class PPOTrainer:
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        refs = self.policy.call("save_pretrained", str(staging / "policy"))
+        refs = self.policy.call("save_pretrained", str(staging / "policy"),
+                                str(staging / ADAPTER_DIR) if self.lora else None)
         if self.critic:
             refs += self.critic.call("save_pretrained", str(staging / "critic"))
         ray.get(refs)
@@ -308,8 +369,49 @@ class PPOTrainer:
         if self.critic:
             self.critic.shutdown()
         for actor in (self.reference, self.reward):
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
         self.placement.remove()
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    """Copy a folder under a staging name, then rename: ``target`` is never half written."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def load_ptx_data(cfg: PPOConfig, tokenizer) -> list[dict]:
+    """Tokenised SFT items (input_ids, labels on response tokens) for the PTX loss; [] without it."""
+    from rlhf.data import load_sft_data
+
+    if cfg.ptx_data is None:
+        return []
+    items, _ = load_sft_data(cfg.ptx_data, tokenizer, seed=cfg.seed, phase=0)
+    if len(items) < cfg.ppo.micro_batch_size:
+        raise ConfigError(f"ptx_data {cfg.ptx_data.train_path}: {len(items)} SFT examples cannot fill one PTX "
+                          f"micro-batch of ppo.micro_batch_size={cfg.ppo.micro_batch_size}")
+    return items
+
+
+def check_resume_adapter(checkpoint: Path, cfg: PPOConfig) -> Path:
+    """The LoRA adapter of a PPO checkpoint, checked against model.lora (the adapter resumes as saved)."""
+    adapter = checkpoint / ADAPTER_DIR
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"resume_from {checkpoint}: model.lora is set but the checkpoint has no LoRA adapter "
+                          f"({config_file} missing): it was saved without LoRA")
+    saved = json.loads(config_file.read_text())
+    lora = cfg.model.lora
+    pairs = {"r": (lora.r, saved.get("r")), "alpha": (lora.alpha, saved.get("lora_alpha")),
+             "target_modules": (sorted(lora.target_modules), sorted(saved.get("target_modules") or []))}
+    differ = [f"{key}: config {ours}, checkpoint {theirs}" for key, (ours, theirs) in pairs.items() if ours != theirs]
+    if differ:
+        raise ConfigError(f"resume_from {checkpoint}: model.lora differs from the checkpoint's adapter: {'; '.join(differ)}")
+    return adapter
 
 
 def run(cfg: PPOConfig) -> Path:
@@ -337,13 +439,11 @@ def run(cfg: PPOConfig) -> Path:
                     break
         final = trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.iteration:06d}")
         trainer.prune_checkpoints()
-        target = out / "final"
-        staging = out / "final.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(final / "policy", staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-        return target
+        # final/: merged weights (a plain transformers folder), or the adapter alone with
+        # save_adapter_only; with LoRA adapter/ holds the adapter either way (as in rlhf sft).
+        if cfg.model.lora is not None:
+            copy_folder(final / ADAPTER_DIR, out / "adapter")
+        return copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final")
     finally:
         logger.close()
         trainer.shutdown()

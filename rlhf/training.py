@@ -213,12 +213,14 @@ def _final_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None
 
 def save_final_model(task: Task, cfg: SFTConfig | RMConfig, path: str, state: dict[str, torch.Tensor],
                      out: Path, tokenizer_path: str, extra_files: dict[str, Any]) -> Path:
-    """A Hugging Face folder at ``out`` (written beside it, then renamed): merged weights, unless
-    ``save_adapter_only``. With LoRA the adapter alone is also written to ``<output_dir>/adapter``."""
+    """A Hugging Face folder at ``out`` through the shared writer (``rlhf.models.saving``): merged
+    weights, unless ``save_adapter_only``. With LoRA the adapter alone is also written to
+    ``<output_dir>/adapter``."""
     from transformers import AutoTokenizer
 
-    from rlhf.models import attach_lora, merge_lora
+    from rlhf.models import attach_lora
     from rlhf.models.loading import torch_dtype
+    from rlhf.models.saving import save_model_folder
 
     model = task.build_model(cfg.model, path)
     if cfg.model.lora is not None:
@@ -228,24 +230,9 @@ def save_final_model(task: Task, cfg: SFTConfig | RMConfig, path: str, state: di
         raise TrainingError(f"final weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(torch_dtype(cfg.model.dtype))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    if cfg.model.lora is not None:
-        _write_folder(model, tokenizer, extra_files, out.with_name("adapter"))
-        if not cfg.save_adapter_only:
-            model = merge_lora(model)
-    return _write_folder(model, tokenizer, extra_files, out)
-
-
-def _write_folder(model, tokenizer, extra_files: dict[str, Any], out: Path) -> Path:
-    """save_pretrained into a staging folder, then rename: no half-written model on failure."""
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    for name, content in extra_files.items():
-        (staging / name).write_text(json.dumps(content, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    return save_model_folder(model, tokenizer, out, extra_files=extra_files,
+                             adapter_out=out.with_name("adapter") if cfg.model.lora is not None else None,
+                             adapter_only=cfg.save_adapter_only)
 
 
 def train_loop(job: dict) -> None:
