@@ -329,12 +329,14 @@ def build_app(cfg: ServeConfig):
     threads = str(max(1, int(cfg.cpus_per_replica)))
     engine = GenerationReplica.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
+        graceful_shutdown_timeout_s=cfg.shutdown_grace_s,
         ray_actor_options={**resources, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads,
                                                                      "TOKENIZERS_PARALLELISM": "false"}}},
         **scaling,
     ).bind(config)
     return OpenAIServer.options(
         num_replicas=cfg.ingress_replicas,
+        graceful_shutdown_timeout_s=cfg.shutdown_grace_s,
         max_ongoing_requests=cfg.max_ongoing_requests * max(cfg.max_replicas, 1),
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}},
     ).bind(config, engine)

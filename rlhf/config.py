@@ -504,6 +504,7 @@ class ServeConfig(StageConfig):
     request_timeout_s: float = Field(300.0, gt=0, description="the proxy ends requests that take longer")
     replica_retries: int = Field(2, ge=0, description="a request whose replica dies is retried on another this often")
     ingress_replicas: int = Field(1, gt=0, description="HTTP ingress replicas (light: validate and forward)")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="on stop, how long replicas may finish requests in flight")
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:

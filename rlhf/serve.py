@@ -30,13 +30,17 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process its parent has not reaped yet counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: trust the signal check
 
 
 def _read_state(out: Path) -> dict | None:
@@ -92,7 +96,9 @@ def run(cfg: ServeConfig) -> Path:
         # After init_ray, which installs Ray's own SIGTERM handler (exit 1 without stopping Serve).
         signal.signal(signal.SIGTERM, _raise_interrupt)
         start = time.perf_counter()
-        serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+        # A short keep-alive: on stop the proxy waits for idle client connections to time out (90 s by default).
+        serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s,
+                                  "keep_alive_timeout_s": 5})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         write_atomic(out / STATE_FILE, json.dumps({"pid": os.getpid(), "url": url, "model": model_name(cfg),
                                                    "app": APP_NAME}))
@@ -101,21 +107,24 @@ def run(cfg: ServeConfig) -> Path:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        print("stopping the server...", flush=True)
+        print(f"stopping the server (replicas get {cfg.shutdown_grace_s:g} s to finish requests in flight)...",
+              flush=True)
     finally:
+        stopping = time.perf_counter()
         try:
             if ray.is_initialized():
                 serve.shutdown()
+                log.info("serve shut down in %.1f s", time.perf_counter() - stopping)
         finally:
             (out / STATE_FILE).unlink(missing_ok=True)
             if started_ray:
                 ray.shutdown()
             signal.signal(signal.SIGTERM, previous)
-    print("server stopped", flush=True)
+    print(f"server stopped ({time.perf_counter() - stopping:.0f} s)", flush=True)
     return out
 
 
-def stop(cfg: ServeConfig, timeout_s: float = 60.0) -> bool:
+def stop(cfg: ServeConfig, timeout_s: float = 120.0) -> bool:
     """Stop the server recorded in ``<output_dir>/serve.json`` (SIGTERM, then wait). On a cluster
     (``ray.address`` set) with no local record, delete the app there instead. True if one was stopped."""
     out = Path(cfg.output_dir)

@@ -310,3 +310,33 @@ def test_rayservice_app_builder_takes_config_and_overrides(monkeypatch, tiny_mod
     assert engine._bound_deployment.init_args[0]["api_key"] == "from-env"
     with pytest.raises(ConfigError, match="overides"):
         build_app({"config": None, "overides": []})
+
+
+def test_hf_backend_server_answers_and_stops_with_the_stop_command(tiny_model_dir, tmp_path):
+    """The HF fallback behind the same app, and `rlhf serve --stop` from another process."""
+    import sys
+
+    from openai import OpenAI
+
+    from rlhf.serve import free_port, spawn
+
+    out = tmp_path / "hf-serve"
+    process, url = spawn([str(tiny_model_dir), "backend=hf", "ray.num_cpus=2"], out, port=free_port(),
+                         log_path=tmp_path / "hf-server.log")
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert httpx.get(url + "/health", timeout=30).json()["backend"] == "hf"
+        reply = client.chat.completions.create(model=tiny_model_dir.name, messages=CHAT, max_tokens=6, temperature=0)
+        assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
+        streamed = list(client.completions.create(model=tiny_model_dir.name, prompt="Hi", max_tokens=6,
+                                                  temperature=0, stream=True))
+        assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+
+        stop = subprocess.run([sys.executable, "-m", "rlhf.cli", "serve", "--stop", f"output_dir={out}"],
+                              capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and "stopped the server" in stop.stdout, stop.stdout + stop.stderr
+        assert process.wait(timeout=30) == 0
+        assert not (out / "serve.json").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
