@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from actors.weight_sync import PackedWeights, WeightReceiver, named_tensors, pack_weights
 from rlhf.config import ConfigError, ModelConfig, RolloutConfig, SamplingConfig, explain
 from rlhf.models.loading import ModelLoadError
+from rlhf.paths import rlhf_home
 
 LOGPROB_DIFF_METRIC = "rollout/logprob_diff"
 Prompt = str | Sequence[int]
@@ -181,8 +182,17 @@ def vllm_env() -> dict[str, str]:
     """Environment for a vLLM engine hosted in its calling process (see shared/ENVIRONMENT.md): the
     engine core in-process (fast start, 5-10x the throughput of the two-process mode on 2 cores).
     The KV cache size is not set here (``VLLM_CPU_KVCACHE_SPACE`` takes whole GiB only) but passed
-    to the engine as ``kv_cache_memory_bytes``, which also works on GPUs."""
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    to the engine as ``kv_cache_memory_bytes``, which also works on GPUs.
+
+    Compiled mode (``enforce_eager: false``) caches its compiled model under ``VLLM_CACHE_ROOT``,
+    here ``<RLHF_HOME>/vllm`` unless already set: one folder for every engine and run, so a model is
+    compiled once and later engines start from the cache. ``VLLM_USE_AOT_COMPILE`` defaults to 0:
+    vLLM 0.32's AOT artifacts (its default with torch >= 2.10) are saved but fail to load again
+    ("'function' object has no attribute 'finalize_loading'"), so every start recompiled; the
+    classic path reuses the Inductor cache (tiny model: 25 s cold start, 8 s warm)."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(rlhf_home() / "vllm"),
+            "VLLM_USE_AOT_COMPILE": os.environ.get("VLLM_USE_AOT_COMPILE", "0")}
 
 
 class VLLMBackend(Backend):
@@ -412,7 +422,7 @@ class RolloutEngine:
     """One generation backend plus its tokenizer. Also the body of the Ray actor :data:`RolloutActor`."""
 
     def __init__(self, model: ModelConfig | str, rollout: RolloutConfig | None = None, *, seed: int = 0,
-                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None):
+                 max_model_len: int | None = None):
         from rlhf.models import load_tokenizer, resolve_model_path
 
         model_cfg = ModelConfig(path=model) if isinstance(model, str) else model
@@ -424,7 +434,8 @@ class RolloutEngine:
             self.backend: Backend = VLLMBackend(
                 path, dtype=model_cfg.dtype, seed=seed, enforce_eager=self.rollout.enforce_eager,
                 kv_cache_gib=self.rollout.kv_cache_gib, max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=model_cfg.trust_remote_code,
+                gpu_memory_utilization=self.rollout.gpu_memory_utilization,
+                trust_remote_code=model_cfg.trust_remote_code,
             )
         else:
             self.backend = HFBackend(model_cfg, path, self.tokenizer)
@@ -508,14 +519,13 @@ class RolloutGroup:
     """N rollout engine actors, one per placement-group bundle (controller side).
 
     ``cpus_per_engine`` / ``gpus_per_engine`` size the bundles: fractional CPU bundles on a CPU
-    machine, GPU bundles on a GPU cluster. Each engine runs ``threads_per_engine`` torch threads
-    (default: its whole CPUs, at least 1). Needs a connected Ray (``cluster.runtime.init_ray``).
+    machine, GPU bundles on a GPU cluster. Each engine runs ``rollout.threads_per_engine`` torch
+    threads (default: its whole CPUs, at least 1). Needs a connected Ray (``cluster.runtime.init_ray``).
     """
 
     def __init__(self, model: ModelConfig | str, rollout: RolloutConfig | None = None, *,
                  cpus_per_engine: float = 1.0, gpus_per_engine: float = 0.0, strategy: str = "PACK",
                  resource_timeout_s: float = 30.0, seed: int = 0, max_model_len: int | None = None,
-                 gpu_memory_utilization: float | None = None, threads_per_engine: int | None = None,
                  placement_group=None, start_timeout_s: float = 900.0):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -538,9 +548,8 @@ class RolloutGroup:
                 num_cpus=cpus_per_engine,
                 num_gpus=gpus_per_engine,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-                runtime_env={"env_vars": engine_env(self.rollout, threads_per_engine or cpus_per_engine)},
-            ).remote(model, self.rollout, seed=seed + i, max_model_len=max_model_len,
-                     gpu_memory_utilization=gpu_memory_utilization)
+                runtime_env={"env_vars": engine_env(self.rollout, self.rollout.threads_per_engine or cpus_per_engine)},
+            ).remote(model, self.rollout, seed=seed + i, max_model_len=max_model_len)
             for i in range(count)
         ]
         try:

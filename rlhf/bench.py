@@ -35,7 +35,6 @@ from pathlib import Path
 from rlhf.config import BenchConfig, ModelConfig, RolloutConfig, SamplingConfig, save_config
 
 TARGETS = {"ray_vs_vllm": 0.9, "ray_vs_hf": 3.0, "weight_update_s": 1.0}
-DEFAULT_REPEATS = 3
 QUICK = {"model": "tiny", "prompts": 16, "max_new_tokens": 32, "repeats": 1}
 
 
@@ -124,8 +123,8 @@ class ChildRunner:
     pipes with one JSON object per line. Its peak RSS is its own, and vLLM's process-wide thread
     settings never leak into another configuration."""
 
-    def __init__(self, model: ModelConfig, backend: str, prompts: list[list[int]], sampling: SamplingConfig,
-                 threads: int):
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, prompts: list[list[int]],
+                 sampling: SamplingConfig, threads: int):
         import subprocess
         import sys
 
@@ -138,7 +137,7 @@ class ChildRunner:
         os.close(results_w)
         self._commands = os.fdopen(commands_w, "w")
         self._results = os.fdopen(results_r)
-        self._call({"op": "start", "model": model.model_dump(), "backend": backend, "threads": threads,
+        self._call({"op": "start", "model": model.model_dump(), "rollout": rollout.model_dump(), "threads": threads,
                     "prompts": prompts, "sampling": sampling.model_dump()})
 
     def _call(self, command: dict) -> dict:
@@ -176,7 +175,8 @@ def _child_main(commands_fd: int, results_fd: int) -> None:
             command = json.loads(line)
             try:
                 if command["op"] == "start":
-                    if command["backend"] == "vllm":
+                    rollout = RolloutConfig(**command["rollout"])
+                    if rollout.backend == "vllm":
                         from actors.rollout import vllm_env
 
                         os.environ.update(vllm_env())
@@ -185,7 +185,7 @@ def _child_main(commands_fd: int, results_fd: int) -> None:
                     torch.set_num_threads(command["threads"])
                     from actors.rollout import RolloutEngine
 
-                    engine = RolloutEngine(ModelConfig(**command["model"]), RolloutConfig(backend=command["backend"]))
+                    engine = RolloutEngine(ModelConfig(**command["model"]), rollout)
                     prompts, sampling = command["prompts"], SamplingConfig(**command["sampling"])
                     reply = {}
                 elif command["op"] == "run":
@@ -199,16 +199,15 @@ def _child_main(commands_fd: int, results_fd: int) -> None:
 
 
 class RayRunner:
-    """(b): a RolloutGroup of ``engines`` actors. Each engine gets ``threads`` threads; its placement
-    bundle reserves ``bundle_cpus`` (Ray's bookkeeping only)."""
+    """(b): a RolloutGroup of ``rollout.engines`` actors, each with ``rollout.threads_per_engine``
+    threads; its placement bundle reserves ``bundle_cpus`` (Ray's bookkeeping only)."""
 
-    def __init__(self, model: ModelConfig, engines: int, prompts, sampling, *, bundle_cpus: float, threads: int,
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, prompts, sampling, *, bundle_cpus: float,
                  resource_timeout_s: float):
         from actors.rollout import RolloutGroup
 
         self.prompts, self.sampling = prompts, sampling
-        self.group = RolloutGroup(model, RolloutConfig(engines=engines), cpus_per_engine=bundle_cpus,
-                                  threads_per_engine=threads, resource_timeout_s=resource_timeout_s)
+        self.group = RolloutGroup(model, rollout, cpus_per_engine=bundle_cpus, resource_timeout_s=resource_timeout_s)
 
     def run(self) -> dict:
         return time_stream(self.group.stream(self.prompts, self.sampling), len(self.prompts))
@@ -216,18 +215,25 @@ class RayRunner:
     def info(self) -> list[dict]:
         return self.group.info()
 
-    def weight_updates(self, weights: dict, repeats: int) -> dict[str, list[float]]:
+    def weight_updates(self, weights: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, dict]]:
         """Seconds for ``repeats`` updates of all engines per transport, from the learner's state
-        dict to every engine's model."""
+        dict to every engine's model; and where the time went (medians): the learner side's
+        ``pack_put_s`` (object store) or ``send_s`` (broadcast), the slowest engine's ``engine_s``
+        (from the call's start in the engine: loading into vLLM, and for the broadcast receiving)."""
         import ray
 
         from actors.weight_sync import WeightBroadcaster, default_backend, pack_weights
 
         seconds: dict[str, list[float]] = {"object_store": [], "broadcast": []}
+        parts: dict[str, dict[str, list[float]]] = {"object_store": {"pack_put_s": [], "engine_s": []},
+                                                    "broadcast": {"send_s": [], "engine_s": []}}
         for _ in range(repeats):
             start = time.perf_counter()
-            self.group.update_weights(ray.put(pack_weights(weights)))
+            ref = ray.put(pack_weights(weights))
+            parts["object_store"]["pack_put_s"].append(time.perf_counter() - start)
+            parts["object_store"]["engine_s"].append(max(self.group.update_weights(ref)))
             seconds["object_store"].append(time.perf_counter() - start)
+            del ref
         broadcaster = WeightBroadcaster(len(self.group), backend=default_backend())
         joins = self.group.join_weight_group(broadcaster.host, broadcaster.port, broadcaster.world_size,
                                              broadcaster.backend)
@@ -235,10 +241,14 @@ class RayRunner:
         ray.get(joins)
         for _ in range(repeats):
             start = time.perf_counter()
-            self.group.broadcast_weights(broadcaster, weights)
+            stats = self.group.broadcast_weights(broadcaster, weights)
             seconds["broadcast"].append(time.perf_counter() - start)
+            parts["broadcast"]["send_s"].append(stats["seconds"])
+            parts["broadcast"]["engine_s"].append(max(stats["engine_seconds"]))
         broadcaster.close()
-        return seconds
+        medians = {transport: {k: statistics.median(v) for k, v in values.items()}
+                   for transport, values in parts.items()}
+        return seconds, medians
 
     def close(self) -> None:
         self.group.shutdown()
@@ -265,14 +275,13 @@ def _environment() -> dict:
 NAMES = {"vllm": "(a) vLLM in-process", "hf": "(c) HF generate"}
 
 
-def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
-                      modes: tuple[str, ...] = ("vllm", "ray", "hf"), weight_update: bool = True,
-                      log: Callable[[str], None] = print) -> dict:
+def rollout_benchmark(cfg: BenchConfig, *, modes: tuple[str, ...] = ("vllm", "ray", "hf"),
+                      weight_update: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run (a), (b) for each engine count and (c); return figures, ratios and targets as a dict.
 
     One phase per engine count in ``cfg.engines``: its Ray group is started beside the (a) and (c)
     child processes (started once for all phases), everything is warmed up, then the configurations
-    take turns, ``repeats`` rounds, so that load from elsewhere on the machine falls on all of them
+    take turns, ``cfg.repeats`` rounds, so that load from elsewhere on the machine falls on all of them
     alike. (c) is slow, so it takes part in the first phase only. Ratios compare medians of runs from
     the same phase (for ``ray_vs_hf``, (c)'s runs).
     """
@@ -283,9 +292,11 @@ def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
     prompts = load_prompts(load_tokenizer(model.path), cfg.prompts)
     sampling = bench_sampling(cfg)
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    repeats = cfg.repeats
     engine_counts = list(cfg.engines) if "ray" in modes else [None]
-    log(f"bench rollout: {len(prompts)} prompts x {sampling.max_new_tokens} new tokens, {repeats} round(s) "
-        f"per phase, engine counts {engine_counts}; load average {os.getloadavg()[0]:.2f}")
+    log(f"bench rollout: {len(prompts)} prompts x {sampling.max_new_tokens} new tokens, {model.dtype}, vLLM "
+        f"{engine_mode(cfg.rollout)}, {repeats} round(s) per phase, engine counts {engine_counts}; "
+        f"load average {os.getloadavg()[0]:.2f}")
 
     runs: dict[str, list[dict]] = {}
     extra: dict[str, dict] = {}
@@ -295,7 +306,11 @@ def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
         for key in ("vllm", "hf"):
             if key in modes:
                 log(f"bench rollout: starting {NAMES[key]}")
-                children[key] = ChildRunner(model, key, prompts, sampling, threads=max(1, int(cpus)))
+                # (a) is one engine on every CPU (threads_per_engine, when set, applies to it too);
+                # (c), the baseline, always gets every CPU.
+                threads = (cfg.rollout.threads_per_engine if key == "vllm" else None) or max(1, int(cpus))
+                children[key] = ChildRunner(model, cfg.rollout.model_copy(update={"backend": key}), prompts,
+                                            sampling, threads=threads)
                 children[key].run()  # warm-up: the first full-size batch pays one-off costs
         if "ray" in modes:
             init_ray(cfg.ray)
@@ -308,8 +323,9 @@ def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
             ray_runner, ray_key = None, f"ray_x{engines}"
             if engines is not None:
                 log(f"bench rollout: starting (b) Ray rollout x{engines}")
-                ray_runner = RayRunner(model, engines, prompts, sampling, bundle_cpus=cpus / engines,
-                                       threads=max(1, int(cpus / engines)),
+                threads = cfg.rollout.threads_per_engine or max(1, int(cpus / engines))
+                rollout = cfg.rollout.model_copy(update={"engines": engines, "threads_per_engine": threads})
+                ray_runner = RayRunner(model, rollout, prompts, sampling, bundle_cpus=cpus / engines,
                                        resource_timeout_s=cfg.ray.resource_timeout_s)
                 ray_runner.run()  # warm-up
                 active[ray_key] = ray_runner
@@ -328,9 +344,10 @@ def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
                                       "startup_s": max(i["startup_s"] for i in infos)}
                     if weights is not None:
                         log(f"bench rollout: weight updates, {engines} engine(s)")
-                        update_runs = ray_runner.weight_updates(weights, repeats)
+                        update_runs, update_parts = ray_runner.weight_updates(weights, repeats)
                         extra[ray_key]["weight_update_s"] = {k: statistics.median(v) for k, v in update_runs.items()}
                         extra[ray_key]["weight_update_runs_s"] = update_runs
+                        extra[ray_key]["weight_update_parts_s"] = update_parts
             finally:
                 if ray_runner is not None:
                     ray_runner.close()
@@ -381,12 +398,18 @@ def rollout_benchmark(cfg: BenchConfig, *, repeats: int = DEFAULT_REPEATS,
             "model": cfg.model.path, "model_path": model.path, "dtype": model.dtype, "prompts": len(prompts),
             "mean_prompt_tokens": statistics.fmean(len(p) for p in prompts),
             "sampling": sampling.model_dump(), "repeats": repeats, "cpus": cpus, "engines": list(cfg.engines),
+            "vllm_mode": engine_mode(cfg.rollout), "threads_per_engine": cfg.rollout.threads_per_engine,
         },
         "results": results,
         "weight_update_s": weight_updates,
         "environment": _environment(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def engine_mode(rollout: RolloutConfig) -> str:
+    """``eager`` or ``compiled`` (vLLM's torch.compile mode)."""
+    return "eager" if rollout.enforce_eager else "compiled"
 
 
 def _at_least(value: float | None, target: float) -> bool | None:
@@ -424,8 +447,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(rows)), names, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("generated tokens / s")
     case = result["case"]
-    ax.set_title(f"{Path(case['model']).name}: {case['prompts']} prompts x "
-                 f"{case['sampling']['max_new_tokens']} new tokens", fontsize=10)
+    ax.set_title(f"{Path(case['model']).name} {case['dtype']}: {case['prompts']} prompts x "
+                 f"{case['sampling']['max_new_tokens']} new tokens, vLLM {case.get('vllm_mode', 'eager')}", fontsize=10)
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
     if updates:
@@ -452,8 +475,9 @@ def print_table(result: dict, console=None) -> None:
 
     console = console or Console(width=None if Console().is_terminal else 150)
     case = result["case"]
-    table = Table(title=f"Rollout throughput: {Path(case['model']).name}, {case['prompts']} prompts x "
-                        f"{case['sampling']['max_new_tokens']} new tokens, median of {case['repeats']} run(s)")
+    table = Table(title=f"Rollout throughput: {Path(case['model']).name} {case['dtype']}, {case['prompts']} prompts x "
+                        f"{case['sampling']['max_new_tokens']} new tokens, vLLM {case.get('vllm_mode', 'eager')}, "
+                        f"median of {case['repeats']} run(s)")
     for column in ("configuration", "tokens/s", "requests/s", "first result (s)", "wall (s)", "tokens",
                    "peak RSS (MiB)", "startup (s)", "weight update (s)"):
         table.add_column(column, justify="left" if column == "configuration" else "right")

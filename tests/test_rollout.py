@@ -120,6 +120,44 @@ def test_split_evenly():
 # --------------------------------------------------------------------------------------------------
 
 
+def test_engine_settings_in_config():
+    from rlhf.config import BenchConfig, load_config
+
+    rollout = load_config("ppo", overrides=["rollout.threads_per_engine=2", "rollout.gpu_memory_utilization=0.5",
+                                            "rollout.enforce_eager=false"]).rollout
+    assert (rollout.threads_per_engine, rollout.gpu_memory_utilization, rollout.enforce_eager) == (2, 0.5, False)
+    defaults = RolloutConfig()
+    assert defaults.threads_per_engine is None and defaults.gpu_memory_utilization is None and defaults.enforce_eager
+    with pytest.raises(ConfigError, match="rollout.threads_per_engine"):
+        load_config("pairs", overrides=["rollout.threads_per_engine=0"])
+    with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
+        load_config("ppo", overrides=["rollout.gpu_memory_utilization=1.5"])
+
+    bench = load_config("bench", overrides=["repeats=5", "rollout.enforce_eager=false", "rollout.kv_cache_gib=2"])
+    assert (bench.repeats, bench.rollout.enforce_eager, bench.rollout.kv_cache_gib) == (5, False, 2.0)
+    assert BenchConfig().repeats == 3 and BenchConfig().rollout.enforce_eager
+    with pytest.raises(ConfigError, match="repeats"):
+        load_config("bench", overrides=["repeats=0"])
+    with pytest.raises(ConfigError, match="rollout.engines is not used by the benchmark: set engines"):
+        load_config("bench", overrides=["rollout.engines=2"])
+    with pytest.raises(ConfigError, match="rollout.backend is not used by the benchmark"):
+        load_config("bench", overrides=["rollout.backend=hf"])
+
+
+def test_vllm_compile_cache_is_shared_under_rlhf_home(monkeypatch, tmp_path):
+    from actors.rollout import engine_env, vllm_env
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    assert vllm_env()["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm")
+    assert vllm_env()["VLLM_USE_AOT_COMPILE"] == "0"  # vLLM 0.32's AOT artifacts fail to load again
+    assert engine_env(RolloutConfig(), 1)["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm")
+    assert "VLLM_CACHE_ROOT" not in engine_env(RolloutConfig(backend="hf"), 1)
+    monkeypatch.setenv("VLLM_CACHE_ROOT", "/elsewhere")  # a user's own setting is kept
+    assert vllm_env()["VLLM_CACHE_ROOT"] == "/elsewhere"
+
+
 def test_pack_weights_round_trip_without_copy():
     state = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(4)}
     packed = pack_weights(state)
@@ -407,8 +445,9 @@ def test_rollout_benchmark_smoke(vllm_group, tiny_model_dir, tmp_path):
 
     # One CPU is free beside the module's engines: the benchmark's engines get that one.
     cfg = BenchConfig(model={"path": str(tiny_model_dir)}, prompts=4, engines=[1], output_dir=str(tmp_path),
-                      sampling=SamplingConfig(max_new_tokens=8), ray=RayConfig(num_cpus=1, resource_timeout_s=60))
-    result = rollout_benchmark(cfg, repeats=1, log=lambda _: None)
+                      sampling=SamplingConfig(max_new_tokens=8), ray=RayConfig(num_cpus=1, resource_timeout_s=60),
+                      repeats=1)
+    result = rollout_benchmark(cfg, log=lambda _: None)
     json_path, png_path = write_report(result, tmp_path / "rollout.json")
     print_table(result)
     data = json.loads(json_path.read_text())
@@ -422,6 +461,8 @@ def test_rollout_benchmark_smoke(vllm_group, tiny_model_dir, tmp_path):
             assert row[field] > 0
     assert set(data["weight_update_s"]["ray_x1"]) == {"object_store", "broadcast"}
     assert data["case"]["prompts"] == 4 and data["case"]["sampling"]["seed"] == cfg.seed
+    assert data["case"]["repeats"] == 1 and data["case"]["vllm_mode"] == "eager"
+    assert all(len(row["runs"]) == 1 for row in data["results"])
 
 
 @pytest.mark.slow
@@ -453,3 +494,38 @@ def test_an_engine_slower_than_the_start_bound_is_an_error(ray_cluster, vllm_gro
     with pytest.raises(ActorStartError, match=r"not started within 0.5 s"):
         RolloutGroup(str(tiny_model_dir), RolloutConfig(kv_cache_gib=0.25), cpus_per_engine=0.5,
                      max_model_len=512, start_timeout_s=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_threads_per_engine_comes_from_the_rollout_config(ray_cluster, tiny_model_dir):
+    """Two threads on a half-CPU bundle: only the config can have asked for them."""
+    from actors.rollout import RolloutGroup
+
+    group = RolloutGroup(str(tiny_model_dir), RolloutConfig(backend="hf", threads_per_engine=2), cpus_per_engine=0.5,
+                         resource_timeout_s=60)
+    try:
+        assert [info["torch_threads"] for info in group.engine_info] == [2]
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_compiled_engine_matches_hf_before_and_after_a_weight_update(ray_cluster, tiny_model_dir, tiny_tokenizer):
+    """vLLM's compiled mode (enforce_eager: false) must read the weights that update_weights loads,
+    not constants captured at compile time."""
+    from actors.rollout import RolloutGroup
+
+    group = RolloutGroup(str(tiny_model_dir), RolloutConfig(enforce_eager=False, kv_cache_gib=0.25),
+                         cpus_per_engine=0.5, max_model_len=512, resource_timeout_s=60)
+    try:
+        model = hf_model(tiny_model_dir)
+        for seed in (None, 4):
+            if seed is not None:
+                model.load_state_dict(perturbed(model.state_dict(), seed=seed))
+                group.update_weights(model.state_dict())
+            for sample in group.generate(PROMPTS[:3], GREEDY):
+                assert sample.response_ids == hf_greedy(model, tiny_tokenizer, sample.prompt_ids, 10)
+    finally:
+        group.shutdown()
