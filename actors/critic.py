@@ -46,7 +46,7 @@ class CriticLearner(Learner):
         schedule = ppo_schedule(n, algo.micro_batch_size, epochs=algo.epochs, seed=self.seed + iteration,
                                 grad_accum=algo.grad_accum)
         self.engine.train()
-        stats = []
+        stats, skipped = [], 0
         for optimizer_step in schedule:
             for micro in optimizer_step:
                 batch = {k: v.to(self.device) for k, v in select(experience, micro.indices).items()}
@@ -54,6 +54,6 @@ class CriticLearner(Learner):
                 loss, micro_stats = value_loss(values, batch["values"], batch["returns"], batch["action_mask"],
                                                algo.value_clip)
                 self.engine.backward(loss)
-                self.engine.step()
+                skipped += not self._step()
                 stats.append({"loss/value": float(loss.detach()), **{f"critic/{k}": v for k, v in micro_stats.items()}})
-        return mean_stats(stats)
+        return {**mean_stats(stats), "critic/skipped_steps": float(skipped)}

@@ -17,6 +17,16 @@ import torch
 from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
 
 
+class LearnerLostError(RuntimeError):
+    """A learner rank died. Its DeepSpeed group cannot go on without it (the other ranks hold only
+    their share of the work, and a rank cannot rejoin a running group), so the run stops; the message
+    names the role and rank. Resume from the last checkpoint (``resume_from``)."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A learner's weights hold NaN or infinity: they are not written as a checkpoint."""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,6 +83,26 @@ class Learner:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+    def _step(self) -> bool:
+        """``engine.step()``, except that an optimiser step whose gradients hold NaN or infinity is
+        skipped: no update and no change to the optimiser state. Returns False when it was skipped.
+
+        Under ZeRO-0 the gradients sit in ``param.grad``, already averaged across ranks at the
+        accumulation boundary (so every rank decides alike); they are dropped (``grad = None``:
+        AdamW leaves such parameters alone) before DeepSpeed's step, which would otherwise write
+        NaN into the weights. DeepSpeed's ZeRO 1-3 optimisers check for overflow themselves and
+        skip the step; their ``overflow`` flag says so."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        dropped = False
+        if boundary and self.zero_stage == 0:
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            if not all(torch.isfinite(p.grad).all() for p in params):
+                for p in params:
+                    p.grad = None
+                dropped = True
+        self.engine.step()
+        return not (dropped or (boundary and bool(getattr(self.engine.optimizer, "overflow", False))))
+
     def save_pretrained(self, folder: str, adapter_folder: str | None = None) -> str | None:
         """Write a Hugging Face folder of the current weights (rank 0; every rank must call it: ZeRO-3
         gathers) through the shared writer, ``rlhf.models.saving.save_model_folder``: a LoRA model's
@@ -82,8 +112,16 @@ class Learner:
         state = self.full_state_dict()
         if self.rank != 0:
             return None
+        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if bad:  # never write a checkpoint that cannot be trained or served from
+            raise NonFiniteWeightsError(f"{len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); "
+                                        f"not saving {folder}")
         return str(save_model_folder(self.engine.module, self.tokenizer, Path(folder), state_dict=state,
                                      adapter_out=Path(adapter_folder) if adapter_folder else None))
+
+    def pid(self) -> int:
+        """This rank's process id (fault tests kill it with SIGKILL)."""
+        return os.getpid()
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -122,6 +160,56 @@ class LearnerGroup:
     def call_sharded(self, method: str, shards: list, *args, **kwargs) -> list:
         """Call ``method`` with shard ``i`` on rank ``i``; returns object refs."""
         return [getattr(actor, method).remote(shard, *args, **kwargs) for actor, shard in zip(self.actors, shards)]
+
+    def get(self, refs: list) -> list:
+        """The results of one call per rank (refs in rank order), failing fast: as soon as any rank
+        has died, a ``LearnerLostError`` naming it (the other ranks may be stuck in a collective
+        waiting for it, so waiting for them in order could hang)."""
+        import ray
+
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)  # raises the first failure as soon as it happens
+            return ray.get(list(refs))
+        except ray.exceptions.RayError as exc:
+            self.raise_if_lost(exc)
+            raise
+
+    def rank_of(self, actor_id: str | None) -> int | None:
+        """The rank of the actor with this hex id, or None when it is not one of this group's."""
+        ids = [actor._actor_id.hex() for actor in self.actors]
+        return ids.index(actor_id) if actor_id in ids else None
+
+    def raise_if_lost(self, error: BaseException) -> None:
+        """Turn a failure that came from (or through) a dead rank of this group into a
+        ``LearnerLostError`` naming the role and rank; return when every rank still answers."""
+        from cluster.runtime import root_cause
+
+        rank = self.rank_of(getattr(error, "actor_id", None))
+        if rank is None:
+            rank = next(iter(self.dead_ranks()), None)
+        if rank is not None:
+            raise LearnerLostError(
+                f"{self.name} rank {rank} of {len(self.actors)} died ({root_cause(error)}); its DeepSpeed "
+                "group cannot continue without it, so the run stops"
+            ) from None
+
+    def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """Ranks whose actor is dead (a live rank busy in a long call counts as alive)."""
+        import ray
+
+        pings = [actor.__ray_ready__.remote() for actor in self.actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for rank, ping in enumerate(pings):
+            if ping in ready:
+                try:
+                    ray.get(ping)
+                except ray.exceptions.RayActorError:
+                    dead.append(rank)
+        return dead
 
     def shutdown(self) -> None:
         import ray

@@ -83,7 +83,7 @@ class PolicyLearner(Learner):
                              f"micro-batch), got {0 if ptx_batches is None else len(ptx_batches)}")
         self.engine.train()
         stats, diffs = [], []
-        micro_index = 0
+        micro_index = skipped = 0
         for step_index, optimizer_step in enumerate(schedule):
             for micro in optimizer_step:
                 batch = {k: v.to(self.device) for k, v in select(experience, micro.indices).items()}
@@ -101,7 +101,7 @@ class PolicyLearner(Learner):
                     entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx, ptx_coef=algo.ptx_coef,
                 )
                 self.engine.backward(loss)
-                self.engine.step()
+                skipped += not self._step()
                 if step_index == 0:
                     # Before the first update the learner's weights are the engine's: any gap is
                     # numerical mismatch that would silently make PPO off-policy.
@@ -112,6 +112,7 @@ class PolicyLearner(Learner):
                 stats[-1]["policy/grad_norm"] = float(grad_norm)
         result = mean_stats(stats)
         result["rollout/logprob_diff"] = sum(diffs) / len(diffs)
+        result["policy/skipped_steps"] = float(skipped)  # optimiser steps dropped for non-finite gradients
         return result
 
     # Weight sync to the rollout engines --------------------------------------------------------

@@ -543,15 +543,18 @@ class RolloutGroup:
                 what=f"{count} rollout engine(s)",
             )
         self.placement_group = placement_group
-        self.engines = [
-            RolloutActor.options(
+        self.start_timeout_s = start_timeout_s
+
+        def start_engine(i: int):  # engine i always runs on bundle i (restart_engine starts it again)
+            return RolloutActor.options(
                 num_cpus=cpus_per_engine,
                 num_gpus=gpus_per_engine,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
                 runtime_env={"env_vars": engine_env(self.rollout, self.rollout.threads_per_engine or cpus_per_engine)},
             ).remote(model, self.rollout, seed=seed + i, max_model_len=max_model_len)
-            for i in range(count)
-        ]
+
+        self._start_engine = start_engine
+        self.engines = [start_engine(i) for i in range(count)]
         try:
             self.engine_info = wait_for_actors([engine.info.remote() for engine in self.engines],
                                                role=f"rollout engine ({self.rollout.backend})",
@@ -623,6 +626,26 @@ class RolloutGroup:
 
     def info(self) -> list[dict]:
         return ray.get([engine.info.remote() for engine in self.engines])
+
+    def index_of(self, actor_id: str | None) -> int | None:
+        """The index of the engine with this hex actor id, or None when it is not one of these."""
+        ids = [engine._actor_id.hex() for engine in self.engines]
+        return ids.index(actor_id) if actor_id in ids else None
+
+    def restart_engine(self, index: int, weights=None) -> dict:
+        """Replace engine ``index`` (dead, say) by a new one on the same bundle, then load ``weights``
+        (as for :meth:`update_weights`; None keeps the model it starts from). Returns its info."""
+        from cluster.runtime import wait_for_actors
+
+        ray.kill(self.engines[index])  # already dead, or about to be replaced
+        self.engines[index] = self._start_engine(index)
+        info = wait_for_actors([self.engines[index].info.remote()], role=f"rollout engine {index} (restart)",
+                               timeout_s=self.start_timeout_s)[0]
+        if weights is not None:
+            ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(pack_weights(weights))
+            ray.get(self.engines[index].update_weights.remote(ref))
+        self.engine_info[index] = info
+        return info
 
     def shutdown(self) -> None:
         """Kill the engine actors and release their placement group."""

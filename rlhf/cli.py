@@ -34,11 +34,14 @@ STAGE_MODULES = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: print it, no traceback."""
+    from actors.group import LearnerLostError, NonFiniteWeightsError
     from cluster.runtime import ActorStartError, ResourceError
     from rlhf.data.errors import DataError
     from rlhf.models.loading import ModelLoadError
+    from rlhf.ppo import PPOStopped
 
-    return (ConfigError, DataError, ModelLoadError, ResourceError, ActorStartError, FileNotFoundError)
+    return (ConfigError, DataError, ModelLoadError, ResourceError, ActorStartError, FileNotFoundError,
+            LearnerLostError, NonFiniteWeightsError, PPOStopped)
 
 
 def _add_stage_args(parser: argparse.ArgumentParser) -> None:

@@ -489,10 +489,21 @@ class PPOConfig(StageConfig):
     policy_workers: int = Field(1, gt=0)
     critic_workers: int = Field(1, gt=0)
     steps: int = Field(20, gt=0, description="PPO iterations")
-    save_every: int | None = Field(None, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    save_every: int | None = Field(None, gt=0, description="iterations between checkpoints (the final one is always written)")
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept under output_dir/checkpoints; older ones are deleted")
     reward_threshold: float | None = Field(None, description="stop early when reward/mean reaches this")
-    resume_from: str | None = None
+    resume_from: str | None = Field(
+        None, description="a checkpoint folder (output_dir/checkpoints/step_N) to continue from: iteration N+1 "
+        "comes next; into the same output_dir, metrics logged after step N are replaced",
+    )
+    max_step_retries: int = Field(
+        2, ge=0, description="times one iteration is redone after a rollout engine, the reward or the reference "
+        "actor died in it (the actor is restarted first; counted in faults/actor_restarts); then the run stops",
+    )
+    max_nonfinite_batches: int = Field(
+        3, gt=0, description="consecutive iterations whose rewards, logprobs or values hold NaN/inf (each is "
+        "skipped, counted in faults/nonfinite_skipped) before the run stops",
+    )
 
 
 class ServeConfig(StageConfig):

@@ -16,6 +16,12 @@ in an order fixed by (seed, iteration), and the policy adds its LM loss (Instruc
 One iteration is ``PPOTrainer.step``: generate -> reference logprobs, values and rewards in parallel
 -> KL and advantages (pure torch, rlhf/algorithms) -> train critic and policy -> sync weights to the
 engines -> log. The math lives in rlhf/algorithms; this file only moves tensors between actors.
+
+Faults: an inference actor (rollout engine, reward, reference) that dies is restarted on its own
+bundle and the iteration's experience is made again (``PPOTrainer.surviving``); a batch holding NaN or
+infinity is skipped (``all_finite``); a dead learner rank stops the run (``LearnerLostError``), and
+``resume_from`` the last checkpoint continues it. Checkpoints are written under a staging name and
+renamed (``write_checkpoint``), so a kill mid-write leaves the previous one intact.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,11 +42,18 @@ from rlhf.algorithms import (
 from rlhf.config import ConfigError, PPOConfig, save_config
 from rlhf.data.formats import last_user_text
 from rlhf.data.split import epoch_permutation
+from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.ppo")
 
 STATE_FILE = "controller_state.json"
 ADAPTER_DIR = "policy_adapter"  # a checkpoint's LoRA adapter, beside the merged policy/ folder
+INFERENCE_ROLES = ("rollout", "reference", "reward")  # restarted when they die; learners are not
+
+
+class PPOStopped(RuntimeError):
+    """The run stopped on a fault it does not ride out (an actor that keeps dying, non-finite batches
+    in a row); the message says what happened and where to resume from."""
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -129,6 +143,11 @@ def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tenso
     return experience, metrics
 
 
+def nonfinite_fields(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the float tensors holding NaN or infinity (an empty list when all are finite)."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def shard(experience: dict[str, torch.Tensor], world: int) -> list[dict[str, torch.Tensor]]:
     """Split rows evenly across ``world`` ranks."""
     return [{k: v.chunk(world)[rank] for k, v in experience.items()} for rank in range(world)]
@@ -205,39 +224,71 @@ class PPOTrainer:
                                        bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="critic")
             setups += self.critic.call("setup", cfg.critic or cfg.model, critic_path, cfg.ppo, cfg.deepspeed, cfg.seed)
 
-        self.reference = None  # with reference_from_policy the policy learners answer for it
-        if not self.reference_from_policy:
-            self.reference = ray.remote(ReferenceModel).options(
-                **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path)
-        self.reward = ray.remote(RewardScorer).options(**self.placement.slots["reward"][0].options()).remote(
-            cfg.reward, cfg.model.dtype)
+        # The frozen initial model and the reward, each on its own bundle (restart_actor starts them again).
+        self._start_reference = lambda: ray.remote(ReferenceModel).options(
+            **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path)
+        self._start_reward = lambda: ray.remote(RewardScorer).options(
+            **self.placement.slots["reward"][0].options()).remote(cfg.reward, cfg.model.dtype)
+        self.reference = None if self.reference_from_policy else self._start_reference()
+        self.reward = self._start_reward()
         ray.get(setups)
         log.info("ppo: learners ready in %.1f s", time.perf_counter() - started)
         if cfg.rollout.weight_sync == "broadcast":
-            rank0 = self.policy.actors[0]
-            host, port, world = ray.get(rank0.open_weight_broadcast.remote(len(self.engines)))
-            ray.get(self.engines.join_weight_group(host, port, world) + [rank0.connect_weight_broadcast.remote()])
+            self.connect_weight_broadcast()
         self.reward_stats = ray.get(self.reward.stats.remote())
         log.info("ppo: all actors ready in %.1f s", time.perf_counter() - started)
 
         self.kl_controller = make_kl_controller(cfg.ppo.kl)
         self.iteration = 0
+        # Fault counters (cumulative over the run, resumed from checkpoints); logged every step.
+        self.faults = {"faults/actor_restarts": 0, "faults/nonfinite_skipped": 0}
+        self.nonfinite_in_a_row = 0
         if start_from:
             state = json.loads((start_from / STATE_FILE).read_text())
             self.iteration = state["iteration"]
             self.kl_controller.load_state_dict(state["kl_controller"])
+            self.faults.update(state.get("faults", {}))
 
     # ----------------------------------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
-        """One PPO iteration; returns its metrics."""
+        """One PPO iteration; returns its metrics. An inference actor that dies in it is restarted
+        and the experience made again; a batch holding NaN or infinity is skipped, not trained on."""
+        step_start = time.perf_counter()
+        batch, experience, metrics, timings = self.surviving(self.make_batch)  # 1-3
+        bad = nonfinite_fields(experience)
+        if bad:
+            return self.skip_nonfinite(f"{', '.join(bad)} hold NaN or infinity", {**metrics, **timings})
+
+        started = time.perf_counter()
+        stats = self.train(experience)  # 4
+        timings["timing/train"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.surviving(self.sync_weights)  # 5
+        timings["timing/weight_sync"] = time.perf_counter() - started
+        skipped_steps = stats.get("policy/skipped_steps", 0) + stats.get("critic/skipped_steps", 0)
+        if skipped_steps:  # the learners dropped optimiser steps with non-finite gradients
+            return self.skip_nonfinite(f"{skipped_steps:g} optimiser step(s) had non-finite gradients (dropped)",
+                                       {**metrics, **stats, **timings})
+        self.nonfinite_in_a_row = 0
+
+        # 6. KL controller and metrics.
+        self.kl_controller.update(metrics["kl/mean"], batch["input_ids"].shape[0])
+        self.iteration += 1
+        timings["timing/step"] = time.perf_counter() - step_start
+        generated = int(batch["action_mask"].sum())
+        return {**metrics, **stats, **timings, **self.faults,
+                "throughput/tokens_per_s": generated / timings["timing/step"]}
+
+    def make_batch(self) -> tuple[dict, dict, dict, dict]:
+        """Steps 1-3 of an iteration: rollouts, model outputs on them, and the experience made of
+        them. Depends only on (seed, iteration) and the current weights, so it can be redone."""
         import ray
 
         from actors.rollout import samples_to_batch
 
         cfg, algo, n = self.cfg, self.cfg.ppo, self.sampling.n
         timings: dict[str, float] = {}
-        step_start = time.perf_counter()
 
         # 1. Generate: rollout_batch_size prompts x n samples, seeded by iteration.
         chosen = batch_indices(self.iteration, len(self.prompts), algo.rollout_batch_size, cfg.seed)
@@ -274,13 +325,15 @@ class PPOTrainer:
             group_ids=group_ids, cfg=cfg, kl_coef=self.kl_controller.value, reward_stats=self.reward_stats,
         )
         timings["timing/make_experience"] = time.perf_counter() - started
+        return batch, {**experience, "scores": scores}, metrics, timings
 
-        # 4. Train critic and policy (in parallel: different actors).
-        started = time.perf_counter()
+    def train(self, experience: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Step 4: train critic and policy (in parallel: different actors); rank 0's stats. A dead
+        rank is a ``LearnerLostError``."""
         policy_keys = ["input_ids", "attention_mask", "action_mask", "logprobs", "advantages", "ref_logprobs"]
         world = len(self.policy.actors)
         policy_shards = shard({k: experience[k] for k in policy_keys}, world)
-        ptx = self.ptx_batches(len(samples) // world, world)
+        ptx = self.ptx_batches(experience["input_ids"].shape[0] // world, world)
         policy_refs = [actor.train.remote(part, self.kl_controller.value, self.iteration, ptx[rank])
                        for rank, (actor, part) in enumerate(zip(self.policy.actors, policy_shards))]
         critic_refs = []
@@ -289,22 +342,104 @@ class PPOTrainer:
             critic_refs = self.critic.call_sharded(
                 "train", shard({k: experience[k] for k in critic_keys}, len(self.critic.actors)), self.iteration,
             )
-        policy_stats = ray.get(policy_refs)[0]
-        critic_stats = ray.get(critic_refs)[0] if critic_refs else {}
-        timings["timing/train"] = time.perf_counter() - started
+        policy_stats = self.policy.get(policy_refs)[0]
+        critic_stats = self.critic.get(critic_refs)[0] if critic_refs else {}
+        return {**policy_stats, **critic_stats}
 
-        # 5. Weight sync: the engines sample from the updated policy next iteration.
-        started = time.perf_counter()
-        self.sync_weights()
-        timings["timing/weight_sync"] = time.perf_counter() - started
-
-        # 6. KL controller and metrics.
-        self.kl_controller.update(metrics["kl/mean"], len(samples))
+    def skip_nonfinite(self, what: str, metrics: dict[str, float]) -> dict[str, float]:
+        """Count a batch that held NaN or infinity and move on to the next iteration (its prompts and
+        seed differ); ``max_nonfinite_batches`` of them in a row stop the run."""
+        self.faults["faults/nonfinite_skipped"] += 1
+        self.nonfinite_in_a_row += 1
         self.iteration += 1
-        timings["timing/step"] = time.perf_counter() - step_start
-        generated = int(batch["action_mask"].sum())
-        return {**metrics, **policy_stats, **critic_stats, **timings,
-                "throughput/tokens_per_s": generated / timings["timing/step"]}
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_batches:
+            raise PPOStopped(
+                f"ppo: {self.nonfinite_in_a_row} iterations in a row had non-finite values (last, iteration "
+                f"{self.iteration}: {what}); stopping (max_nonfinite_batches). Check the reward function and the "
+                "learning rate; no checkpoint holds non-finite weights"
+            )
+        log.warning("ppo: iteration %d skipped: %s (%d in a row)", self.iteration, what, self.nonfinite_in_a_row)
+        return {**metrics, **self.faults}
+
+    # Faults of inference actors ----------------------------------------------------------------------
+
+    def surviving(self, phase: Callable[[], object]):
+        """``phase()``; when a rollout engine, the reward or the reference actor dies in it, restart
+        that actor and run the phase again, up to ``max_step_retries`` times. A dead learner rank is
+        a ``LearnerLostError`` (its DeepSpeed group cannot take a new rank)."""
+        import ray
+
+        for attempt in range(self.cfg.max_step_retries + 1):
+            try:
+                return phase()
+            except ray.exceptions.RayActorError as exc:
+                role, index = self.dead_actor(exc)
+                if attempt == self.cfg.max_step_retries:
+                    raise PPOStopped(
+                        f"ppo: iteration {self.iteration + 1}: {role} actor {index} died again after "
+                        f"{attempt} restart(s) (max_step_retries={self.cfg.max_step_retries}); stopping"
+                    ) from None
+                log.warning("ppo: iteration %d: %s actor %d died (%s); restarting it and redoing the step",
+                            self.iteration + 1, role, index, type(exc).__name__)
+                self.restart_actor(role, index)
+
+    def inference_actors(self) -> list[tuple[str, int, object]]:
+        """``(role, index, handle)`` of every actor that can be restarted."""
+        actors = [("rollout", i, engine) for i, engine in enumerate(self.engines.engines)]
+        actors.append(("reward", 0, self.reward))
+        if self.reference is not None:
+            actors.append(("reference", 0, self.reference))
+        return actors
+
+    def dead_actor(self, error) -> tuple[str, int]:
+        """Which inference actor ``error`` came from (``(role, index)``), by its actor id or, when the
+        error does not carry one, by asking each; a learner's death is a ``LearnerLostError``."""
+        import ray
+
+        for role, index, actor in self.inference_actors():
+            if actor._actor_id.hex() == error.actor_id:
+                return role, index
+        for group in (self.policy, self.critic):
+            if group is not None:
+                group.raise_if_lost(error)
+        pings = {actor.__ray_ready__.remote(): (role, index) for role, index, actor in self.inference_actors()}
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=5.0)
+        for ping in ready:
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError:
+                return pings[ping]
+        raise error
+
+    def restart_actor(self, role: str, index: int) -> None:
+        """Start a dead inference actor again on its own bundle: a rollout engine gets the current
+        policy weights (over the object store, then rejoins a broadcast group); the reference is the
+        frozen initial model again, the reward its model or function."""
+        import ray
+
+        from cluster.runtime import wait_for_actors
+
+        if role == "rollout":
+            refs = self.policy.call("packed_weights")  # every rank joins (ZeRO-3 gathers)
+            self.engines.restart_engine(index, refs[0])
+            self.policy.get(refs[1:])
+            if self.cfg.rollout.weight_sync == "broadcast":
+                self.connect_weight_broadcast()
+        else:
+            old = getattr(self, role)
+            ray.kill(old)
+            setattr(self, role, self._start_reference() if role == "reference" else self._start_reward())
+            wait_for_actors([getattr(self, role).__ray_ready__.remote()], role=f"{role} (restart)",
+                            timeout_s=self.cfg.ray.actor_start_timeout_s)
+        self.faults["faults/actor_restarts"] += 1
+
+    def connect_weight_broadcast(self) -> None:
+        """(Re)build the broadcast group of policy rank 0 and every engine."""
+        import ray
+
+        rank0 = self.policy.actors[0]
+        host, port, world = ray.get(rank0.open_weight_broadcast.remote(len(self.engines)))
+        ray.get(self.engines.join_weight_group(host, port, world) + [rank0.connect_weight_broadcast.remote()])
 
     def ptx_batches(self, rows_per_rank: int, world: int) -> list[list[dict[str, torch.Tensor]] | None]:
         """Per rank, one collated PTX micro-batch per policy micro-batch of this iteration (None
@@ -338,28 +473,22 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, folder: Path) -> Path:
-        """Policy (and critic) Hugging Face folders plus the controller state, written atomically."""
-        import ray
+        """Policy (and critic) Hugging Face folders plus the controller state, written atomically.
+        The learners refuse to write non-finite weights (``NonFiniteWeightsError``)."""
+        def write_models(staging: Path) -> None:
+            refs = self.policy.call("save_pretrained", str(staging / "policy"),
+                                    str(staging / ADAPTER_DIR) if self.lora else None)
+            self.policy.get(refs)
+            if self.critic:
+                self.critic.get(self.critic.call("save_pretrained", str(staging / "critic")))
 
-        staging = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        refs = self.policy.call("save_pretrained", str(staging / "policy"),
-                                str(staging / ADAPTER_DIR) if self.lora else None)
-        if self.critic:
-            refs += self.critic.call("save_pretrained", str(staging / "critic"))
-        ray.get(refs)
-        (staging / STATE_FILE).write_text(json.dumps({
+        return write_checkpoint(folder, write_models, {
             "iteration": self.iteration, "seed": self.cfg.seed, "kl_controller": self.kl_controller.state_dict(),
-        }, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-        return folder
+            "faults": self.faults,
+        })
 
     def prune_checkpoints(self) -> None:
-        folders = sorted((self.output_dir / "checkpoints").glob("step_*[0-9]"))
-        for old in folders[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(self.output_dir / "checkpoints", self.cfg.keep_checkpoints)
 
     def shutdown(self) -> None:
         import ray
@@ -372,6 +501,44 @@ class PPOTrainer:
             if actor is not None:
                 ray.kill(actor)
         self.placement.remove()
+
+
+def write_checkpoint(folder: Path, write_models: Callable[[Path], None], state: dict) -> Path:
+    """A checkpoint written atomically: ``write_models(staging)`` fills ``<folder>.partial``, the state
+    file goes in last, then one rename makes it ``folder``. A process killed on the way leaves only the
+    ``.partial`` folder, which :func:`checkpoints` ignores and the next save replaces."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_models(staging)
+    write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints under ``folder`` (``step_N`` with a state file), oldest first."""
+    return sorted(p for p in Path(folder).glob("step_*[0-9]") if (p / STATE_FILE).is_file())
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and any half-written ``.partial`` one
+    next to them."""
+    for old in checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in Path(folder).glob("step_*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def continue_metrics(path: Path, iteration: int) -> None:
+    """Resuming at ``iteration`` into a run's own output folder: drop the records of later steps (they
+    are redone), so the series holds every step once."""
+    from rlhf.metrics import read_metrics
+
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r["step"] <= iteration]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def copy_folder(source: Path, target: Path) -> Path:
@@ -414,20 +581,33 @@ def check_resume_adapter(checkpoint: Path, cfg: PPOConfig) -> Path:
     return adapter
 
 
-def run(cfg: PPOConfig) -> Path:
+def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> Path:
+    """Train, checkpoint, and write final/. ``on_step(trainer)`` runs after each logged step (the
+    fault tests and benchmarks/chaos.py kill actors there). A dead learner rank raises
+    ``LearnerLostError`` naming the checkpoint to resume from."""
     from tqdm import tqdm
 
+    from actors.group import LearnerLostError
     from rlhf.metrics import MetricsLogger
 
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     trainer = PPOTrainer(cfg)
+    if trainer.iteration > 0:
+        continue_metrics(out / "metrics.jsonl", trainer.iteration)
     logger = MetricsLogger(out, append=trainer.iteration > 0)
     try:
         with tqdm(total=cfg.steps, initial=trainer.iteration, desc="ppo", unit="step") as bar:
             while trainer.iteration < cfg.steps:
-                metrics = trainer.step()
+                try:
+                    metrics = trainer.step()
+                except LearnerLostError as exc:
+                    saved = checkpoints(out / "checkpoints")
+                    hint = f"resume_from={saved[-1]}" if saved else "no checkpoint yet (save_every sets how often)"
+                    raise LearnerLostError(f"{exc}; to continue: {hint}") from None
                 logger.log(trainer.iteration, metrics)
+                if on_step is not None:
+                    on_step(trainer)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
                 bar.update(1)
                 if cfg.save_every and trainer.iteration % cfg.save_every == 0 and trainer.iteration < cfg.steps:
