@@ -85,23 +85,30 @@ class Learner:
 
     def _step(self) -> bool:
         """``engine.step()``, except that an optimiser step whose gradients hold NaN or infinity is
-        skipped: no update and no change to the optimiser state. Returns False when it was skipped.
+        skipped: no change to the weights or the optimiser state. Returns False when it was skipped.
 
         Under ZeRO-0 the gradients sit in ``param.grad``, already averaged across ranks at the
-        accumulation boundary (so every rank decides alike); they are dropped (``grad = None``:
-        AdamW leaves such parameters alone) before DeepSpeed's step, which would otherwise write
-        NaN into the weights. DeepSpeed's ZeRO 1-3 optimisers check for overflow themselves and
-        skip the step; their ``overflow`` flag says so."""
+        accumulation boundary (so every rank decides alike), and DeepSpeed's step would write NaN
+        into the weights: then the weights and optimiser state are kept aside, the step runs on zero
+        gradients (DeepSpeed's counters stay in line) and both are put back. DeepSpeed's ZeRO 1-3
+        optimisers check for overflow themselves and skip the step; their ``overflow`` flag says so."""
+        import copy
+
         boundary = self.engine.is_gradient_accumulation_boundary()
-        dropped = False
-        if boundary and self.zero_stage == 0:
-            params = [p for p in self.engine.module.parameters() if p.grad is not None]
-            if not all(torch.isfinite(p.grad).all() for p in params):
-                for p in params:
-                    p.grad = None
-                dropped = True
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if boundary and self.zero_stage == 0 and not all(torch.isfinite(p.grad).all() for p in params):
+            weights = [p.detach().clone() for p in params]
+            optimizer_state = copy.deepcopy(self.engine.optimizer.state_dict())
+            for p in params:
+                p.grad.zero_()
+            self.engine.step()
+            with torch.no_grad():
+                for p, saved in zip(params, weights):
+                    p.copy_(saved)
+            self.engine.optimizer.load_state_dict(optimizer_state)
+            return False
         self.engine.step()
-        return not (dropped or (boundary and bool(getattr(self.engine.optimizer, "overflow", False))))
+        return not (boundary and bool(getattr(self.engine.optimizer, "overflow", False)))
 
     def save_pretrained(self, folder: str, adapter_folder: str | None = None) -> str | None:
         """Write a Hugging Face folder of the current weights (rank 0; every rank must call it: ZeRO-3

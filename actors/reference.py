@@ -17,6 +17,10 @@ class ReferenceModel:
         self.model = load_causal_lm(model_cfg, path=path).eval()
         self.model.requires_grad_(False)
 
+    def pid(self) -> int:
+        """This actor's process id (fault tests and benchmarks/chaos.py kill it with SIGKILL)."""
+        return os.getpid()
+
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
         """(batch, seq - 1) logprobs of each next token, at the policy's sampling temperature."""

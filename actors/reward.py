@@ -16,6 +16,10 @@ class RewardScorer:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.score_fn = make_reward_fn(cfg, dtype=dtype)
 
+    def pid(self) -> int:
+        """This actor's process id (fault tests and benchmarks/chaos.py kill it with SIGKILL)."""
+        return os.getpid()
+
     def stats(self) -> tuple[float | None, float | None]:
         """The reward model's stored train-set mean and std, for normalisation (None for others)."""
         return getattr(self.score_fn, "mean", None), getattr(self.score_fn, "std", None)

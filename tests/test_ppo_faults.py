@@ -145,6 +145,48 @@ def test_nonfinite_rewards_skip_the_batch_then_stop_the_run(tiny_model_dir, tmp_
     assert not checkpoints(always / "checkpoints")
 
 
+# ---- A learner's optimiser step on non-finite gradients (DeepSpeed, no Ray) ------------------------
+
+STEP_GUARD = """
+import math, sys, torch
+from actors.group import Learner, free_port
+from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
+
+learner = Learner()
+learner.init_distributed(0, 1, "127.0.0.1", free_port(), threads=1)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+learner._initialize(model, learning_rate=0.1, ds=DeepSpeedConfig(zero_stage=0),
+                    algo=PPOAlgoConfig(micro_batch_size=2), bf16=False)
+x = torch.ones(2, 4)
+
+def step(scale):
+    learner.engine.backward(learner.engine(x).sum() * scale)
+    return learner._step()
+
+assert step(1.0) is True
+before = [p.detach().clone() for p in model.parameters()]
+state = {k: v.clone() for k, v in learner.engine.optimizer.state[model.weight].items()}
+assert step(math.nan) is False
+assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+after = learner.engine.optimizer.state[model.weight]
+assert all(torch.equal(state[k], after[k]) for k in state)  # Adam moments untouched too
+assert step(1.0) is True
+assert not torch.equal(before[0], model.weight) and torch.isfinite(model.weight).all()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_learner_skips_an_optimiser_step_with_nonfinite_gradients():
+    """ZeRO-0 would write NaN into the weights; the guard leaves weights and Adam state as they were,
+    and the next finite step trains as usual."""
+    result = subprocess.run([sys.executable, "-c", STEP_GUARD], capture_output=True, text=True, timeout=280,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 # ---- Checkpoint files (no Ray) ---------------------------------------------------------------------
 
 WRITER = """
