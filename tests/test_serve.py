@@ -287,7 +287,7 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     url, process, out = server
     assert json.loads((out / "serve.json").read_text())["pid"] == process.pid
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=90) == 0, (out / "server.log").read_text()[-3000:]
+    assert process.wait(timeout=180) == 0, (out / "server.log").read_text()[-3000:]
     assert not (out / "serve.json").exists()
     assert "server stopped" in (out / "server.log").read_text()
     with pytest.raises(httpx.HTTPError):
