@@ -47,9 +47,11 @@ def draw_faults(rng: random.Random, steps: int, count: int, save_every: int) -> 
     learner = {"step": rng.choice(candidates), "role": rng.choice(["policy", "critic"]),
                "how": rng.choice(["ray.kill", "SIGKILL"])}
     steps_free = [s for s in range(1, steps - 1) if s != learner["step"]]
-    inference = {s: {"step": s, "role": rng.choice(INFERENCE_ROLES), "how": rng.choice(["ray.kill", "SIGKILL"]),
+    # Every inference role at least once (given count >= 3), in a random order; the rest at random.
+    roles = rng.sample(INFERENCE_ROLES, len(INFERENCE_ROLES)) + [rng.choice(INFERENCE_ROLES) for _ in range(count)]
+    inference = {s: {"step": s, "role": role, "how": rng.choice(["ray.kill", "SIGKILL"]),
                      "delay_s": rng.choice([0.0, round(rng.uniform(0.1, 1.0), 2)])}
-                 for s in sorted(rng.sample(steps_free, count))}
+                 for s, role in zip(sorted(rng.sample(steps_free, count)), roles)}
     return inference, learner
 
 
