@@ -674,6 +674,37 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The config class in a field's annotation (``X``, ``X | None``), or None for plain values."""
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def with_section_presets(cls: type[BaseModel], tree: dict) -> dict:
+    """Keep a section's own preset values when the user sets only some of its keys.
+
+    Some sections default to a preset (``pairs.rollout`` samples ``n=4``; ``eval.sampling`` uses
+    temperature 0.7). Without this, ``pairs.rollout.sampling.max_new_tokens=24`` would build the
+    section from the plain class defaults and silently drop the preset's other values."""
+    out = dict(tree)
+    for name, field in cls.model_fields.items():
+        section, given = _model_class(field.annotation), out.get(name)
+        if section is None or not isinstance(given, dict):
+            continue
+        default = field.get_default(call_default_factory=True)
+        preset = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
+        out[name] = with_section_presets(section, _merge(preset, given))
+    return out
+
+
 def _section_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The config class that owns the field at ``loc`` (for listing valid keys)."""
     current: Any = cls
@@ -683,9 +714,7 @@ def _section_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = current.model_fields.get(str(part))
         if field is None:
             return None
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        current = _model_class(field.annotation)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
@@ -716,7 +745,7 @@ def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
         apply_override(tree, keys, value)
     source = str(path) if path else "(defaults)"
     try:
-        return cls.model_validate(tree)
+        return cls.model_validate(with_section_presets(cls, tree))
     except ValidationError as exc:
         raise explain(exc, cls, source) from None
 

@@ -79,6 +79,7 @@ def stage_configs(cfg: RunConfig) -> dict:
     common = {"seed": cfg.seed, "ray": cfg.ray}
     sft_final, rm_final = str(out / "sft" / "final"), str(out / "rm" / "final")
     model = cfg.model
+    rm_data = cfg.rm.data.model_copy(update={"train_path": str(out / "pairs" / "pairs.jsonl")})
     return {
         "sft": cfg.sft.model_copy(update={**common, "output_dir": str(out / "sft"), "model": model}),
         "pairs": cfg.pairs.model_copy(update={
@@ -86,7 +87,7 @@ def stage_configs(cfg: RunConfig) -> dict:
         }),
         "rm": cfg.rm.model_copy(update={
             **common, "output_dir": str(out / "rm"), "model": cfg.rm.model.model_copy(update={"path": sft_final}),
-            "data": cfg.rm.data.model_copy(update={"train_path": str(out / "pairs" / "pairs.jsonl")}),
+            "data": rm_data,
         }),
         "ppo": cfg.ppo.model_copy(update={
             **common, "output_dir": str(out / "ppo"), "model": model.model_copy(update={"path": sft_final}),
@@ -98,6 +99,9 @@ def stage_configs(cfg: RunConfig) -> dict:
             "reference": model.model_copy(update={"path": sft_final}),
             "reward": cfg.eval.reward.model_copy(update={"path": rm_final, "function": None, "url": None}),
             "ppo_metrics": str(out / "ppo" / "metrics.jsonl"),
+            # Held out exactly as the sft and rm stages held them out: perplexity and RM accuracy.
+            "sft_data": cfg.sft.data,
+            "preference_data": rm_data,
         }),
     }
 

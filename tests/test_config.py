@@ -135,3 +135,19 @@ def test_dump_keeps_token_counts_visible():
     text = dump_config(load_config("serve", None, ["api_key=sk-x", "default_max_tokens=77"]))
     assert "default_max_tokens: 77" in text and "sk-x" not in text
     assert "max_new_tokens: 64" in dump_config(load_config("ppo"))
+
+
+def test_a_partial_override_keeps_the_sections_preset_values():
+    """pairs.rollout samples n=4 and eval.sampling uses temperature 0.7 by default: setting one other
+    key of those sections (as `rlhf run --quick` does) must not reset them to the plain class defaults."""
+    cfg = load_config("run", None, ["pairs.rollout.sampling.max_new_tokens=24", "eval.sampling.max_new_tokens=24"])
+    assert (cfg.pairs.rollout.sampling.n, cfg.pairs.rollout.sampling.max_new_tokens) == (4, 24)
+    assert (cfg.eval.sampling.temperature, cfg.eval.sampling.max_new_tokens) == (0.7, 24)
+    assert load_config("pairs", None, ["rollout.sampling.n=6"]).rollout.sampling.n == 6  # the user still wins
+
+
+def test_quick_preset_is_valid_without_a_config_file():
+    from rlhf.pipeline import QUICK_OVERRIDES
+
+    cfg = load_config("run", None, QUICK_OVERRIDES)
+    assert cfg.model.path == "tiny" and cfg.pairs.rollout.sampling.n >= 2
