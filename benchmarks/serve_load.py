@@ -3,7 +3,8 @@
 Starts the real server (`rlhf serve`, a child process), sends ``--requests`` chat completions per
 concurrency level from an async HTTP client, each bounded by ``--request-timeout``, and reports
 requests/s, generated tokens/s, latency percentiles, errors (a response other than 200) and lost
-requests (no response: timeout or dropped connection). Then it stops the server with SIGINT.
+requests (no response: timeout or dropped connection). Then it stops the server (SIGTERM, as
+`rlhf serve --stop` does); the measurements are kept even if the stop is not clean.
 
     python benchmarks/serve_load.py --output bench-results/serve_load.json
     python benchmarks/serve_load.py --model tiny --requests 100 --output /tmp/serve.json   # quick
@@ -18,6 +19,7 @@ import math
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -151,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                                              args.kill_replica_after))
                       for c in args.concurrency]
         finally:
-            process.send_signal(signal.SIGINT)
-            stopped_cleanly = process.wait(timeout=120) == 0
+            process.send_signal(signal.SIGTERM)
+            try:
+                stopped_cleanly = process.wait(timeout=180) == 0
+            except subprocess.TimeoutExpired:  # keep the measurements; say the stop was not clean
+                process.kill()
+                process.wait()
+                stopped_cleanly = False
 
     title = (f"rlhf serve under load ({args.model}, {args.replicas} replica(s), {args.max_tokens} max tokens, "
              f"loopback)")

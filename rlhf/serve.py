@@ -90,11 +90,14 @@ def run(cfg: ServeConfig) -> Path:
 
     started_ray = not ray.is_initialized()
     url = f"http://{cfg.host}:{cfg.port}"
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         init_ray(cfg.ray)
         # After init_ray, which installs Ray's own SIGTERM handler (exit 1 without stopping Serve).
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        # A shell starts background commands with SIGINT ignored, and Python keeps it ignored: make
+        # SIGINT (Ctrl-C, or `kill -INT`) stop the server however it was started.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         start = time.perf_counter()
         # A short keep-alive: on stop the proxy waits for idle client connections to time out (90 s by default).
         serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s,
@@ -119,7 +122,8 @@ def run(cfg: ServeConfig) -> Path:
             (out / STATE_FILE).unlink(missing_ok=True)
             if started_ray:
                 ray.shutdown()
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
     print(f"server stopped ({time.perf_counter() - stopping:.0f} s)", flush=True)
     return out
 
