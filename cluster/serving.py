@@ -3,9 +3,10 @@
 Two deployments: :class:`OpenAIServer`, the HTTP ingress (``/v1/chat/completions``,
 ``/v1/completions``, ``/v1/models``, ``/health``: authorisation, validation, chat template, token
 counts), and :class:`GenerationReplica`, the replicas that each hold one generation engine (vLLM, or
-HF ``generate`` where vLLM is absent; rlhf/inference.py) and scale with load. Request formats and errors live in rlhf/openai_api.py; the stage that
-starts and stops the app (``rlhf serve``) in rlhf/serve.py. Replica count, autoscaling and
-resources come from :class:`~rlhf.config.ServeConfig` (:func:`build_app`).
+HF ``generate`` where vLLM is absent; rlhf/inference.py) and scale with load. Request formats and
+errors live in rlhf/openai_api.py; the stage that starts and stops the app (``rlhf serve``) in
+rlhf/serve.py. Replica count, autoscaling and resources come from :class:`~rlhf.config.ServeConfig`
+(:func:`build_app`).
 """
 
 from __future__ import annotations
