@@ -30,8 +30,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve_model_path(path: str) -> str:
-    """'default' and 'tiny' name models this project provisions itself; anything else is kept as is
-    (a local folder, or a hub id for users who can reach a hub)."""
+    """'default' and 'tiny' name models this project provisions itself; a local folder becomes an
+    absolute path; anything else is kept as is (a hub id, for users who can reach a hub)."""
     if path == "default":
         from rlhf.models.default import ensure_default_model
 
@@ -40,6 +40,10 @@ def resolve_model_path(path: str) -> str:
         from rlhf.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    local = Path(path).expanduser()
+    if local.exists():
+        # Absolute: Ray workers (Ray Train's among them) need not share the driver's working directory.
+        return str(local.resolve())
     return path
 
 
