@@ -680,10 +680,11 @@ def _model_class(annotation: Any) -> type[BaseModel] | None:
     return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` laid over it; nested mappings are merged key by key, not replaced."""
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
             else value
     return merged
 
@@ -701,7 +702,7 @@ def with_section_presets(cls: type[BaseModel], tree: dict) -> dict:
             continue
         default = field.get_default(call_default_factory=True)
         preset = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
-        out[name] = with_section_presets(section, _merge(preset, given))
+        out[name] = with_section_presets(section, deep_merge(preset, given))
     return out
 
 

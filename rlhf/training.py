@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlhf.config import DeepSpeedConfig, OptimConfig, SFTConfig, RMConfig
+from rlhf.config import DeepSpeedConfig, OptimConfig, RMConfig, SFTConfig, deep_merge
 from rlhf.data.split import epoch_permutation
 
 STATE_FILE = "trainer_state.json"
@@ -120,14 +120,7 @@ def deepspeed_config(ds: DeepSpeedConfig, *, micro_batch_size: int, grad_accum: 
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    return _merge(config, ds.extra)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return deep_merge(config, ds.extra)
 
 
 def plan_steps(n_items: int, optim: OptimConfig, world: int) -> tuple[int, int]:
