@@ -74,13 +74,13 @@ def test_an_actor_that_keeps_dying_stops_the_run_after_max_step_retries(tiny_mod
 
     from rlhf.ppo import PPOStopped, run
 
-    def kill_reward_soon(trainer):
-        threading.Timer(0.2, ray.kill, [trainer.reward]).start()
+    def kill_reward(trainer):  # between steps, so step 2 is the one that finds it dead
+        ray.kill(trainer.reward)
 
     try:
         with pytest.raises(PPOStopped, match=r"reward actor 0 died again after 0 restart\(s\) \(max_step_retries=0\)"):
             run(_cfg(tiny_model_dir, tmp_path / "run", "steps=3", "ppo.advantage=grpo", "max_step_retries=0"),
-                on_step=kill_reward_soon)
+                on_step=kill_reward)
     finally:
         ray.shutdown()
     assert _steps(tmp_path / "run") == [1]
