@@ -126,6 +126,23 @@ class Learner:
         return str(save_model_folder(self.engine.module, self.tokenizer, Path(folder), state_dict=state,
                                      adapter_out=Path(adapter_folder) if adapter_folder else None))
 
+    def optimizer_layout(self) -> dict[str, int]:
+        """How this rank's optimiser state is sharded; a resume must find the same."""
+        return {"zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank}
+
+    def save_optimizer(self, folder: str) -> str:
+        """This rank's optimiser state (and fp32 master weights) as ``folder/rank_NNNNN.safetensors``;
+        every rank writes its own."""
+        from rlhf.optimizer_state import save_optimizer_state
+
+        return str(save_optimizer_state(self.engine.optimizer, Path(folder), self.optimizer_layout()))
+
+    def load_optimizer(self, folder: str) -> None:
+        """Continue from the optimiser state ``save_optimizer`` wrote (resume_from)."""
+        from rlhf.optimizer_state import load_optimizer_state
+
+        load_optimizer_state(self.engine.optimizer, Path(folder), self.optimizer_layout())
+
     def pid(self) -> int:
         """This rank's process id (fault tests kill it with SIGKILL)."""
         return os.getpid()

@@ -48,6 +48,7 @@ log = logging.getLogger("rlhf.ppo")
 
 STATE_FILE = "controller_state.json"
 ADAPTER_DIR = "policy_adapter"  # a checkpoint's LoRA adapter, beside the merged policy/ folder
+OPTIMIZER_SUFFIX = "_optimizer"  # a checkpoint's <role>_optimizer/: each rank's optimiser state (safetensors)
 INFERENCE_ROLES = ("rollout", "reference", "reward")  # restarted when they die; learners are not
 
 
@@ -177,6 +178,8 @@ class PPOTrainer:
         start_from = Path(cfg.resume_from) if cfg.resume_from else None
         if start_from and not (start_from / STATE_FILE).is_file():
             raise ConfigError(f"resume_from {start_from}: not a PPO checkpoint (no {STATE_FILE})")
+        saved_state = json.loads((start_from / STATE_FILE).read_text()) if start_from else None
+        resume_optimizers = bool(saved_state) and check_resume_optimizers(start_from, saved_state, cfg)
         base_path = resolve_model_path(cfg.model.path)
         policy_path = str(start_from / "policy") if start_from else base_path
         # With LoRA the learner always loads the base (its adapter disabled is the reference) plus
@@ -243,11 +246,12 @@ class PPOTrainer:
         # Fault counters (cumulative over the run, resumed from checkpoints); logged every step.
         self.faults = {"faults/actor_restarts": 0, "faults/nonfinite_skipped": 0}
         self.nonfinite_in_a_row = 0
-        if start_from:
-            state = json.loads((start_from / STATE_FILE).read_text())
-            self.iteration = state["iteration"]
-            self.kl_controller.load_state_dict(state["kl_controller"])
-            self.faults.update(state.get("faults", {}))
+        if saved_state:
+            self.iteration = saved_state["iteration"]
+            self.kl_controller.load_state_dict(saved_state["kl_controller"])
+            self.faults.update(saved_state.get("faults", {}))
+            if resume_optimizers:
+                self.load_optimizers(start_from)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -476,16 +480,25 @@ class PPOTrainer:
         """Policy (and critic) Hugging Face folders plus the controller state, written atomically.
         The learners refuse to write non-finite weights (``NonFiniteWeightsError``)."""
         def write_models(staging: Path) -> None:
-            refs = self.policy.call("save_pretrained", str(staging / "policy"),
-                                    str(staging / ADAPTER_DIR) if self.lora else None)
-            self.policy.get(refs)
+            self.policy.get(self.policy.call("save_pretrained", str(staging / "policy"),
+                                             str(staging / ADAPTER_DIR) if self.lora else None))
             if self.critic:
                 self.critic.get(self.critic.call("save_pretrained", str(staging / "critic")))
+            for role, group in self.learner_groups():
+                group.get(group.call("save_optimizer", str(staging / f"{role}{OPTIMIZER_SUFFIX}")))
 
         return write_checkpoint(folder, write_models, {
             "iteration": self.iteration, "seed": self.cfg.seed, "kl_controller": self.kl_controller.state_dict(),
-            "faults": self.faults,
+            "faults": self.faults, "optimizer_layout": optimizer_layout(self.cfg),
         })
+
+    def learner_groups(self) -> list[tuple[str, object]]:
+        return [("policy", self.policy)] + ([("critic", self.critic)] if self.critic else [])
+
+    def load_optimizers(self, checkpoint: Path) -> None:
+        """Every learner continues from the optimiser state in ``checkpoint`` (exact resume)."""
+        for role, group in self.learner_groups():
+            group.get(group.call("load_optimizer", str(checkpoint / f"{role}{OPTIMIZER_SUFFIX}")))
 
     def prune_checkpoints(self) -> None:
         prune_checkpoints(self.output_dir / "checkpoints", self.cfg.keep_checkpoints)
@@ -562,6 +575,31 @@ def load_ptx_data(cfg: PPOConfig, tokenizer) -> list[dict]:
         raise ConfigError(f"ptx_data {cfg.ptx_data.train_path}: {len(items)} SFT examples cannot fill one PTX "
                           f"micro-batch of ppo.micro_batch_size={cfg.ppo.micro_batch_size}")
     return items
+
+
+def optimizer_layout(cfg: PPOConfig) -> dict[str, dict[str, int]]:
+    """Per learner role, how its optimiser state is sharded (ZeRO stage, ranks): a resume needs the same."""
+    layout = {"policy": {"zero_stage": cfg.deepspeed.zero_stage, "world_size": cfg.policy_workers}}
+    if needs_critic(cfg.ppo.advantage):
+        layout["critic"] = {"zero_stage": cfg.deepspeed.zero_stage, "world_size": cfg.critic_workers}
+    return layout
+
+
+def check_resume_optimizers(checkpoint: Path, state: dict, cfg: PPOConfig) -> bool:
+    """Whether the learners can load the checkpoint's optimiser states: True when they fit the
+    config, False for a checkpoint written without them (logged: the optimisers start fresh), a
+    ``ConfigError`` when they were sharded differently."""
+    saved = state.get("optimizer_layout")
+    if saved is None:
+        log.warning("ppo: resume_from %s holds no optimiser state (an older checkpoint): the optimisers start "
+                    "fresh, so the resumed steps differ slightly from an uninterrupted run", checkpoint)
+        return False
+    for role, now in optimizer_layout(cfg).items():
+        if saved.get(role) != now:
+            raise ConfigError(f"resume_from {checkpoint}: the {role} optimiser state was saved with {saved.get(role)} "
+                              f"but the config gives {now}; optimiser states are sharded per rank, so resume with "
+                              f"the same deepspeed.zero_stage and {role}_workers")
+    return True
 
 
 def check_resume_adapter(checkpoint: Path, cfg: PPOConfig) -> Path:

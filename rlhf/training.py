@@ -26,7 +26,8 @@ from rlhf.config import DeepSpeedConfig, OptimConfig, RMConfig, SFTConfig, deep_
 from rlhf.data.split import epoch_permutation
 
 STATE_FILE = "trainer_state.json"
-DEEPSPEED_TAG = "state"
+MODEL_FILE = "model.safetensors"  # a resume checkpoint's module weights (ZeRO 0-2; ZeRO-3's are in its masters)
+OPTIMIZER_DIR = "optimizer"  # each rank's optimiser state, rlhf.optimizer_state (no pickles)
 
 
 class TrainingError(RuntimeError):
@@ -181,20 +182,66 @@ def _evaluate(engine, task: Task, items: list[dict], ctx: WorkerContext, device)
     return task.eval_metrics(all_reduce_sums(sums))
 
 
-def _save_resume_checkpoint(engine, step: int, metrics: dict[str, float], ctx: WorkerContext) -> None:
-    """DeepSpeed state of every rank, merged by Ray Train into one checkpoint folder."""
+def _save_resume_checkpoint(engine, scheduler, step: int, metrics: dict[str, float], ctx: WorkerContext,
+                            zero_stage: int) -> None:
+    """Every rank's optimiser state and rank 0's module weights and trainer state, all as safetensors
+    or JSON, merged by Ray Train into one checkpoint folder."""
     import ray.train
+    from safetensors.torch import save_file
+
+    from rlhf.optimizer_state import save_optimizer_state
 
     local = Path(tempfile.mkdtemp(prefix=f"rlhf-ckpt-r{ctx.rank}-"))
-    engine.save_checkpoint(str(local), tag=DEEPSPEED_TAG)
+    save_optimizer_state(engine.optimizer, local / OPTIMIZER_DIR, _layout(zero_stage, ctx))
     if ctx.rank == 0:
-        (local / STATE_FILE).write_text(json.dumps({"step": step}))
+        if zero_stage < 3:
+            # Copies: ZeRO 1-2 keep the parameters as views into one flat buffer, which safetensors refuses.
+            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in engine.module.state_dict().items()},
+                      str(local / MODEL_FILE))
+        state = {"step": step, "scheduler": scheduler.state_dict(),
+                 "layout": {"zero_stage": zero_stage, "world_size": ctx.world}}
+        (local / STATE_FILE).write_text(json.dumps(state))
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(local)),
         checkpoint_dir_name=f"checkpoint_step_{step:06d}",
     )
     shutil.rmtree(local, ignore_errors=True)
+
+
+def _load_resume_checkpoint(engine, scheduler, resume: Path, ctx: WorkerContext, zero_stage: int) -> int:
+    """Load what ``_save_resume_checkpoint`` wrote; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    from rlhf.optimizer_state import load_optimizer_state
+
+    state = json.loads((resume / STATE_FILE).read_text())
+    if zero_stage < 3:  # under ZeRO-3 the module's shards are refreshed from the fp32 masters below
+        engine.module.load_state_dict(load_file(str(resume / MODEL_FILE)), strict=True)
+    load_optimizer_state(engine.optimizer, resume / OPTIMIZER_DIR, _layout(zero_stage, ctx))
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def _layout(zero_stage: int, ctx: WorkerContext) -> dict[str, int]:
+    return {"zero_stage": zero_stage, "world_size": ctx.world, "rank": ctx.rank}
+
+
+def check_resume_checkpoint(resume: Path, cfg: SFTConfig | RMConfig) -> None:
+    """Before any worker starts: ``resume`` is a checkpoint of this trainer whose optimiser states
+    (sharded per rank) fit the configured ZeRO stage and worker count."""
+    state_file = resume / STATE_FILE
+    if not state_file.is_file():
+        raise TrainingError(f"resume_from {resume}: not a checkpoint folder (no {STATE_FILE})")
+    layout = json.loads(state_file.read_text()).get("layout")
+    if layout is None:
+        raise TrainingError(f"resume_from {resume}: written by an older version (DeepSpeed pickles), which is not "
+                            "loaded: weights load only from safetensors")
+    now = {"zero_stage": cfg.deepspeed.zero_stage, "world_size": cfg.scaling.workers}
+    if layout != now:
+        raise TrainingError(f"resume_from {resume}: saved with deepspeed.zero_stage={layout['zero_stage']} and "
+                            f"scaling.workers={layout['world_size']}, the config gives {now['zero_stage']} and "
+                            f"{now['world_size']}; optimiser states are sharded per rank, so resume with the same")
 
 
 def _final_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -272,8 +319,7 @@ def train_loop(job: dict) -> None:
     start_step = 0
     if job["resume_from"]:
         resume = Path(job["resume_from"])
-        engine.load_checkpoint(str(resume), tag=DEEPSPEED_TAG)
-        start_step = json.loads((resume / STATE_FILE).read_text())["step"]
+        start_step = _load_resume_checkpoint(engine, scheduler, resume, ctx, cfg.deepspeed.zero_stage)
 
     logger = MetricsLogger(cfg.output_dir, append=start_step > 0) if ctx.rank == 0 else None
     progress = None
@@ -316,7 +362,7 @@ def train_loop(job: dict) -> None:
         if progress:
             progress.update(1)
         if optim.save_every and done % optim.save_every == 0 and done < total_steps:
-            _save_resume_checkpoint(engine, done, metrics, ctx)
+            _save_resume_checkpoint(engine, scheduler, done, metrics, ctx, cfg.deepspeed.zero_stage)
 
     extra_files = task.finish(engine, train_items, ctx)
     state = _final_state_dict(engine, cfg.deepspeed.zero_stage)
@@ -347,8 +393,8 @@ def fit(task: Task, cfg: SFTConfig | RMConfig, *, model_path: str, train_items: 
     plan_steps(len(train_items), cfg.optim, scaling.workers)  # fail before starting anything
     if not eval_items:
         raise TrainingError("no held-out examples: set data.eval_path or data.eval_fraction > 0")
-    if cfg.resume_from and not (Path(cfg.resume_from) / STATE_FILE).is_file():
-        raise TrainingError(f"resume_from {cfg.resume_from}: not a checkpoint folder (no {STATE_FILE})")
+    if cfg.resume_from:
+        check_resume_checkpoint(Path(cfg.resume_from), cfg)
 
     init_ray(cfg.ray)
     bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})}

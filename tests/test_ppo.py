@@ -173,6 +173,8 @@ def test_resume_continues_with_the_same_next_batch(tiny_model_dir, tmp_path):
         checkpoint = full / "checkpoints" / "step_000002"
         state = json.loads((checkpoint / "controller_state.json").read_text())
         assert state["iteration"] == 2
+        for role in ("policy", "critic"):  # each rank's optimiser state, for an exact resume
+            assert (checkpoint / f"{role}_optimizer" / "rank_00000.safetensors").is_file()
         resumed = tmp_path / "resumed"
         run(_cfg(tiny_model_dir, resumed, *common, f"resume_from={checkpoint}"))
     finally:
@@ -185,3 +187,8 @@ def test_resume_continues_with_the_same_next_batch(tiny_model_dir, tmp_path):
     assert b[3]["reward/mean"] == pytest.approx(a[3]["reward/mean"], abs=1e-6)
     assert b[3]["kl/mean"] == pytest.approx(a[3]["kl/mean"], abs=1e-4)
     assert b[3]["response/length"] == a[3]["response/length"]
+    # The learners continue with their Adam moments too, so training goes on as if never stopped.
+    for key in ("loss/policy", "loss/value", "policy/clipfrac"):
+        assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-6), key
+    assert b[4]["reward/mean"] == pytest.approx(a[4]["reward/mean"], abs=1e-6)
+    assert b[4]["loss/policy"] == pytest.approx(a[4]["loss/policy"], rel=1e-4, abs=1e-6)

@@ -13,7 +13,7 @@ from rlhf.config import RayConfig, load_config
 from rlhf.data import DataError
 from rlhf.metrics import read_metrics
 from rlhf.paths import DEFAULT_DATA_DIR
-from rlhf.training import TrainingError, micro_batch_indices
+from rlhf.training import STATE_FILE, TrainingError, check_resume_checkpoint, micro_batch_indices
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -159,6 +159,9 @@ def test_resume_continues_from_the_same_step_with_the_same_data(ray_local, tiny_
     run(_sft_config(tiny_model_dir, full, *common))
     checkpoint = full / "ray_train" / "checkpoint_step_000002"
     assert (checkpoint / "trainer_state.json").is_file()
+    # Safetensors and JSON only: nothing in a resume checkpoint is unpickled.
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer" / "rank_00000.safetensors").is_file()
+    assert not [p.name for p in checkpoint.rglob("*") if p.suffix in (".pt", ".bin", ".pkl")]
 
     resumed = tmp_path / "resumed"
     run(_sft_config(tiny_model_dir, resumed, *common, f"resume_from={checkpoint}"))
@@ -168,6 +171,20 @@ def test_resume_continues_from_the_same_step_with_the_same_data(ray_local, tiny_
     for step in (3, 4):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-4)
         assert b[step]["train/lr"] == pytest.approx(a[step]["train/lr"])
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"step": 2}, r"older version \(DeepSpeed pickles\)"),
+    ({"step": 2, "layout": {"zero_stage": 3, "world_size": 1}}, r"saved with deepspeed.zero_stage=3 and scaling.workers=1"),
+])
+def test_a_resume_checkpoint_that_does_not_fit_is_refused_before_training(tiny_model_dir, tmp_path, saved, message):
+    checkpoint = tmp_path / "checkpoint_step_000002"
+    checkpoint.mkdir()
+    (checkpoint / STATE_FILE).write_text(json.dumps(saved))
+    with pytest.raises(TrainingError, match=message):
+        check_resume_checkpoint(checkpoint, _sft_config(tiny_model_dir, tmp_path / "out", "deepspeed.zero_stage=2"))
+    with pytest.raises(TrainingError, match="no trainer_state.json"):
+        check_resume_checkpoint(tmp_path, _sft_config(tiny_model_dir, tmp_path / "out"))
 
 
 def test_bad_input_fails_before_training(tiny_model_dir, tmp_path):
