@@ -56,6 +56,35 @@ def wait_for_actors(refs: list, *, role: str, timeout_s: float) -> list:
         raise ActorStartError(f"{role} failed to start: {cause}{hint}") from None
 
 
+def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
+    """Remove torch extension build locks older than ``max_age_s``; returns their paths.
+
+    DeepSpeed builds its CPU communication op on first use, under a lock file that torch waits on for
+    as long as it exists. A build killed half way (a Ray worker killed while it started) leaves the
+    lock behind, and every later DeepSpeed start on that machine would wait forever. A build takes
+    about a minute, so a lock minutes old has no live owner. Called where DeepSpeed starts."""
+    import logging
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+                logging.getLogger(__name__).warning(
+                    "removed a stale build lock %s (%.0f s old, left by a build that was killed); it would "
+                    "have made DeepSpeed wait forever", lock, age)
+        except FileNotFoundError:  # its build just finished
+            pass
+    return removed
+
+
 def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -> None:
     """Connect to ``cfg.address`` / $RAY_ADDRESS, else start a local embedded Ray on 127.0.0.1."""
     import ray

@@ -71,3 +71,21 @@ def test_local_ray_stays_on_loopback_when_ray_is_imported_first():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "NODES ['127.0.0.1']" in done.stdout
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """A DeepSpeed op build killed half way leaves torch's lock file, which would make every later
+    DeepSpeed start wait forever; one minutes old is removed (logged), a fresh one is a live build's."""
+    from cluster.runtime import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(max_age_s=300) == [str(stale)]
+    assert not stale.exists() and fresh.exists()
+    assert "stale build lock" in caplog.text
