@@ -27,6 +27,15 @@ class NonFiniteWeightsError(RuntimeError):
     """A learner's weights hold NaN or infinity: they are not written as a checkpoint."""
 
 
+def torch_threads(threads: int | None) -> int:
+    """Torch threads for a PPO actor: ``threads`` when set (config ``actor_threads``), else half this
+    node's cores, at least one. These actors work in pairs on shared cores (policy and critic train at
+    the same time; reference and reward score at the same time), and two actors each running a thread
+    per core oversubscribe them: on 2 cores a default-model PPO step took 48.0 s that way and 32.8 s
+    with one thread each (benchmarks/ppo_step.py)."""
+    return threads or max(1, (os.cpu_count() or 2) // 2)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,8 +60,10 @@ class Learner:
         })
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Phases of a PPO step mostly run one after another, so each learner may use every core.
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(torch_threads(threads))
+        from cluster.runtime import clear_stale_build_locks
+
+        clear_stale_build_locks()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -157,9 +168,12 @@ class LearnerGroup:
     """N actors of one ``Learner`` class, wired as DeepSpeed ranks (controller side)."""
 
     def __init__(self, actor_class, world_size: int, *, placement_group, bundle_indices: list[int],
-                 num_cpus: float, num_gpus: float = 0.0, name: str = "learner", threads: int | None = None):
+                 num_cpus: float, num_gpus: float = 0.0, name: str = "learner", threads: int | None = None,
+                 start_timeout_s: float = 900.0):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.runtime import wait_for_actors
 
         remote_class = ray.remote(actor_class)
         self.name = name
@@ -171,11 +185,14 @@ class LearnerGroup:
             ).remote()
             for rank in range(world_size)
         ]
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        ray.get([
+        # Bounded: an actor that cannot be placed or dies starting is an ActorStartError naming the role.
+        self.start_timeout_s = start_timeout_s
+        master_addr, master_port = wait_for_actors([self.actors[0].address.remote()], role=f"{name} rank 0",
+                                                   timeout_s=start_timeout_s)[0]
+        wait_for_actors([
             actor.init_distributed.remote(rank, world_size, master_addr, master_port, threads)
             for rank, actor in enumerate(self.actors)
-        ])
+        ], role=f"{name} ranks", timeout_s=start_timeout_s)
 
     def call(self, method: str, *args, **kwargs) -> list:
         """Call ``method`` on every rank with the same arguments; returns object refs."""

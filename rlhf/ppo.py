@@ -167,7 +167,7 @@ class PPOTrainer:
         from actors.reward import RewardScorer
         from actors.rollout import RolloutGroup
         from cluster.placement import place_actors
-        from cluster.runtime import init_ray
+        from cluster.runtime import init_ray, wait_for_actors
         from rlhf.data import load_prompt_data
         from rlhf.models import load_tokenizer, resolve_model_path
 
@@ -213,32 +213,38 @@ class PPOTrainer:
         self.engines = RolloutGroup(
             cfg.model.model_copy(update={"path": policy_path}), cfg.rollout, cpus_per_engine=engine_cpus,
             gpus_per_engine=engine_gpus, placement_group=rollout_group, seed=cfg.seed,
+            start_timeout_s=cfg.ray.actor_start_timeout_s,
         )
         log.info("ppo: %d rollout engine(s) ready in %.1f s", len(self.engines), time.perf_counter() - started)
         group, indices, cpus, gpus = self.placement.group_of("policy")
         self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=group,
-                                   bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="policy")
+                                   bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="policy",
+                                   start_timeout_s=cfg.ray.actor_start_timeout_s, threads=cfg.actor_threads)
         setups = self.policy.call("setup", cfg.model, learner_path, cfg.ppo, cfg.deepspeed,
                                   self.sampling.temperature or 1.0, cfg.seed, adapter_path)
         self.critic = None
         if self.use_critic:
             group, indices, cpus, gpus = self.placement.group_of("critic")
             self.critic = LearnerGroup(CriticLearner, cfg.critic_workers, placement_group=group,
-                                       bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="critic")
+                                       bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="critic",
+                                       start_timeout_s=cfg.ray.actor_start_timeout_s, threads=cfg.actor_threads)
             setups += self.critic.call("setup", cfg.critic or cfg.model, critic_path, cfg.ppo, cfg.deepspeed, cfg.seed)
 
         # The frozen initial model and the reward, each on its own bundle (restart_actor starts them again).
         self._start_reference = lambda: ray.remote(ReferenceModel).options(
-            **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path)
+            **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path, cfg.actor_threads)
         self._start_reward = lambda: ray.remote(RewardScorer).options(
-            **self.placement.slots["reward"][0].options()).remote(cfg.reward, cfg.model.dtype)
+            **self.placement.slots["reward"][0].options()).remote(cfg.reward, cfg.model.dtype, cfg.actor_threads)
         self.reference = None if self.reference_from_policy else self._start_reference()
         self.reward = self._start_reward()
-        ray.get(setups)
+        timeout_s = cfg.ray.actor_start_timeout_s
+        wait_for_actors(setups, role="policy/critic learners", timeout_s=timeout_s)
         log.info("ppo: learners ready in %.1f s", time.perf_counter() - started)
         if cfg.rollout.weight_sync == "broadcast":
             self.connect_weight_broadcast()
-        self.reward_stats = ray.get(self.reward.stats.remote())
+        if self.reference is not None:
+            wait_for_actors([self.reference.__ray_ready__.remote()], role="reference", timeout_s=timeout_s)
+        self.reward_stats = wait_for_actors([self.reward.stats.remote()], role="reward", timeout_s=timeout_s)[0]
         log.info("ppo: all actors ready in %.1f s", time.perf_counter() - started)
 
         self.kl_controller = make_kl_controller(cfg.ppo.kl)
