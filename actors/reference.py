@@ -13,7 +13,9 @@ class ReferenceModel:
     def __init__(self, model_cfg: ModelConfig, path: str, threads: int | None = None) -> None:
         from rlhf.models import load_causal_lm
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        from actors.group import torch_threads
+
+        torch.set_num_threads(torch_threads(threads))
         self.model = load_causal_lm(model_cfg, path=path).eval()
         self.model.requires_grad_(False)
 

@@ -13,7 +13,9 @@ class RewardScorer:
     def __init__(self, cfg: RewardConfig, dtype: str = "float32", threads: int | None = None) -> None:
         from rlhf.judge import make_reward_fn
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        from actors.group import torch_threads
+
+        torch.set_num_threads(torch_threads(threads))
         self.score_fn = make_reward_fn(cfg, dtype=dtype)
 
     def pid(self) -> int:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2, help="rollout.sampling.n")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--weight-sync", default="object_store", choices=["object_store", "broadcast"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other PPO config override, e.g. actor_threads=1 (repeatable)")
     parser.add_argument("--output", required=True, help="JSON results file")
     args = parser.parse_args(argv)
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.reward:
             overrides.append(f"reward.path={args.reward}")
+        overrides += args.set
         cfg = load_config("ppo", None, overrides)
         started = time.perf_counter()
         trainer = PPOTrainer(cfg)
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "model": args.model, "advantage": args.advantage, "prompts": args.prompts, "samples": args.samples,
+        "overrides": args.set,
         "max_new_tokens": args.max_new_tokens, "weight_sync": args.weight_sync, "steps_measured": len(measured),
         "seconds": {**{p: median[p] for p in PHASES}, "overhead": overhead, "step": median["step"]},
         "share": share, "startup_s": startup_s,

@@ -504,6 +504,11 @@ class PPOConfig(StageConfig):
         3, gt=0, description="consecutive iterations whose rewards, logprobs or values hold NaN/inf (each is "
         "skipped, counted in faults/nonfinite_skipped) before the run stops",
     )
+    actor_threads: int | None = Field(
+        None, gt=0, description="torch threads of each policy, critic, reference and reward actor; default: half "
+        "the cores of its node (at least 1), since they work in pairs on shared cores (policy and critic train "
+        "at the same time; reference and reward score at the same time)",
+    )
 
 
 class ServeConfig(StageConfig):
