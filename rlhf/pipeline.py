@@ -38,11 +38,14 @@ QUICK_OVERRIDES = [
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and all its descendants (the local Ray's workers
-    included) once a second; ``peak_gib`` is the largest sum seen."""
+    """Samples the memory of this process and all its descendants (the local Ray's workers included)
+    once a second. ``peak_gib`` is the largest sum of proportional set sizes (PSS: a page shared by k
+    processes counts 1/k in each, so the torch and vLLM libraries every Ray worker maps count once);
+    ``peak_rss_gib`` is the largest plain sum of resident sizes, which counts shared pages again in
+    every process and so overstates what the machine needs."""
 
     def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s, self.peak_bytes = interval_s, 0
+        self.interval_s, self.peak_bytes, self.peak_rss_bytes = interval_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -51,18 +54,25 @@ class PeakMemory:
 
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            pss = rss = 0
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    total += process.memory_info().rss
+                    info = process.memory_full_info()  # reads /proc/PID/smaps_rollup on Linux
+                    pss += getattr(info, "pss", info.rss)
+                    rss += info.rss
                 except psutil.Error:
                     pass
-            self.peak_bytes = max(self.peak_bytes, total)
+            self.peak_bytes = max(self.peak_bytes, pss)
+            self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
             self._stop.wait(self.interval_s)
 
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / 2**30
+
+    @property
+    def peak_rss_gib(self) -> float:
+        return self.peak_rss_bytes / 2**30
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -122,20 +132,28 @@ def run(cfg: RunConfig) -> Path:
     save_config(cfg, out)
     configs = stage_configs(cfg)
     started = time.perf_counter()
-    with PeakMemory() as memory:
-        for stage, stage_cfg in configs.items():
-            if _done(stage, stage_cfg):
-                log.info("%s: up to date in %s, skipping", stage, stage_cfg.output_dir)
-                continue
-            log.info("%s: starting (output in %s)", stage, stage_cfg.output_dir)
-            stage_started = time.perf_counter()
+    stages: dict[str, dict[str, float]] = {}
+    for stage, stage_cfg in configs.items():
+        if _done(stage, stage_cfg):
+            log.info("%s: up to date in %s, skipping", stage, stage_cfg.output_dir)
+            continue
+        log.info("%s: starting (output in %s)", stage, stage_cfg.output_dir)
+        stage_started = time.perf_counter()
+        with PeakMemory() as memory:
             importlib.import_module(f"rlhf.{stage}").run(stage_cfg)
-            log.info("%s: done in %.0f s", stage, time.perf_counter() - stage_started)
-    summary = {"wall_s": round(time.perf_counter() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
+        stages[stage] = {"wall_s": round(time.perf_counter() - stage_started, 1),
+                         "peak_memory_gib": round(memory.peak_gib, 2), "peak_rss_sum_gib": round(memory.peak_rss_gib, 2)}
+        log.info("%s: done in %.0f s, peak memory %.2f GiB (PSS)", stage, stages[stage]["wall_s"],
+                 stages[stage]["peak_memory_gib"])
+    summary = {"wall_s": round(time.perf_counter() - started, 1),
+               "peak_memory_gib": max((s["peak_memory_gib"] for s in stages.values()), default=0.0),
+               "peak_rss_sum_gib": max((s["peak_rss_sum_gib"] for s in stages.values()), default=0.0),
+               "stages": stages}
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     shutil.copyfile(out / "eval" / "eval.json", out / "eval.json")  # where scripts look for the outcome
     result = json.loads((out / "eval.json").read_text())
-    print(f"\nPipeline finished in {summary['wall_s']:.0f} s, peak memory {summary['peak_memory_gib']:.2f} GiB.")
+    print(f"\nPipeline finished in {summary['wall_s']:.0f} s, peak memory {summary['peak_memory_gib']:.2f} GiB "
+          "(PSS of this process and its Ray workers).")
     print(f"  SFT model      {out / 'sft' / 'final'}")
     print(f"  pairs          {out / 'pairs' / 'pairs.jsonl'}")
     print(f"  reward model   {out / 'rm' / 'final'}")

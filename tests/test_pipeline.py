@@ -1,0 +1,21 @@
+"""The main job's bookkeeping: peak memory over this process and its children."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from rlhf.pipeline import PeakMemory
+
+HOLD_512_MIB = "import time; block = bytearray(512 * 2**20); time.sleep(3)"
+
+
+def test_peak_memory_counts_a_child_process_once():
+    with PeakMemory(interval_s=0.2) as quiet:
+        time.sleep(0.6)
+    with PeakMemory(interval_s=0.2) as busy:
+        subprocess.run([sys.executable, "-c", HOLD_512_MIB], check=True)
+    grown = busy.peak_gib - quiet.peak_gib
+    assert 0.4 < grown < 0.8, (quiet.peak_gib, busy.peak_gib)  # the child's 0.5 GiB, counted once
+    assert busy.peak_rss_gib >= busy.peak_gib  # RSS counts shared pages in full in every process
