@@ -281,6 +281,9 @@ def train_loop(job: dict) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from cluster.runtime import clear_stale_build_locks
+
+    clear_stale_build_locks()
     import deepspeed
 
     from rlhf.metrics import MetricsLogger
@@ -352,7 +355,9 @@ def train_loop(job: dict) -> None:
         done = step + 1
         metrics = {key: reduced[key] / (len(indices) * ctx.world) for key in sums}
         metrics["lr"] = scheduler.get_last_lr()[0]
-        metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+        grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         metrics["tokens_per_s"] = reduced["_tokens"] / (time.perf_counter() - started)
         metrics["epoch"] = step / per_epoch
         if done % optim.eval_every == 0 or done == total_steps:
