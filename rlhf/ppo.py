@@ -214,6 +214,9 @@ class PPOTrainer:
             cfg.model.model_copy(update={"path": policy_path}), cfg.rollout, cpus_per_engine=engine_cpus,
             gpus_per_engine=engine_gpus, placement_group=rollout_group, seed=cfg.seed,
             start_timeout_s=cfg.ray.actor_start_timeout_s,
+            # Prompts are left-truncated to max_prompt_length: no sequence is longer than this, and a
+            # context of the model's full length (8192 for SmolLM2) needs a KV cache that size at start.
+            max_model_len=cfg.data.max_prompt_length + self.sampling.max_new_tokens,
         )
         log.info("ppo: %d rollout engine(s) ready in %.1f s", len(self.engines), time.perf_counter() - started)
         group, indices, cpus, gpus = self.placement.group_of("policy")
