@@ -192,3 +192,15 @@ def test_resume_continues_with_the_same_next_batch(tiny_model_dir, tmp_path):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-6), key
     assert b[4]["reward/mean"] == pytest.approx(a[4]["reward/mean"], abs=1e-6)
     assert b[4]["loss/policy"] == pytest.approx(a[4]["loss/policy"], rel=1e-4, abs=1e-6)
+
+
+def test_a_checkpoint_sharded_otherwise_is_refused_before_any_actor_starts(tiny_model_dir, tmp_path):
+    from rlhf.ppo import check_resume_optimizers, optimizer_layout
+
+    cfg = _cfg(tiny_model_dir, tmp_path)  # GAE: policy and critic, one rank each, ZeRO-0
+    assert check_resume_optimizers(tmp_path, {"optimizer_layout": optimizer_layout(cfg)}, cfg) is True
+    other = {"policy": {"zero_stage": 0, "world_size": 2}, "critic": {"zero_stage": 0, "world_size": 1}}
+    with pytest.raises(ConfigError, match=r"policy optimiser state was saved with .*'world_size': 2.*policy_workers"):
+        check_resume_optimizers(tmp_path, {"optimizer_layout": other}, cfg)
+    # A checkpoint from before optimiser states were saved resumes with fresh ones (logged).
+    assert check_resume_optimizers(tmp_path, {}, cfg) is False
