@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -346,47 +345,9 @@ def child_main(framework: str, algo: str, spec_file: str, result_file: str) -> i
 # --------------------------------------------------------------------------------------------------
 
 
-class TreeMemory:
-    """Peak resident memory of a process and all its descendants, sampled every ``interval_s``:
-    RSS summed (counts shared library pages once per process) and PSS summed (shares them out).
-    Reading PSS (/proc/PID/smaps) costs CPU: every 2 s keeps the sampler's share small on 2 cores,
-    and memory plateaus during training, so the peak is still seen."""
-
-    def __init__(self, pid: int, interval_s: float = 2.0) -> None:
-        self.pid, self.interval_s = pid, interval_s
-        self.peak_rss = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        while not self._stop.is_set():
-            rss = pss = 0
-            try:
-                processes = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
-            for process in processes:
-                try:
-                    info = process.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
-                except psutil.Error:
-                    pass
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def run_child(framework: str, algo: str, spec_file: Path, work: Path, timeout_s: float) -> dict:
+    from rlhf.pipeline import PeakMemory
+
     result_file = work / f"{framework}-{algo}.json"
     log_file = work / f"{framework}-{algo}.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--child", framework, algo, str(spec_file),
@@ -395,21 +356,21 @@ def run_child(framework: str, algo: str, spec_file: Path, work: Path, timeout_s:
     started = time.perf_counter()
     with open(log_file, "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        memory = TreeMemory(child.pid)
-        try:
-            code = child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-            code = "timeout"
-        finally:
-            memory.stop()
+        # Reading PSS (/proc/PID/smaps) costs CPU: every 2 s keeps the sampler's share small on 2 cores,
+        # and memory plateaus during training, so the peak is still seen.
+        with PeakMemory(interval_s=2.0, pid=child.pid) as memory:
+            try:
+                code = child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                code = "timeout"
     if code != 0 or not result_file.is_file():
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"{framework} {algo} failed (exit {code}); last log lines:\n{tail}")
     result = json.loads(result_file.read_text())
     result["wall_s"] = time.perf_counter() - started
-    result["peak_rss_gib"], result["peak_pss_gib"] = memory.peak_rss / 2**30, memory.peak_pss / 2**30
+    result["peak_rss_gib"], result["peak_pss_gib"] = memory.peak_rss_gib, memory.peak_gib
     return result
 
 

@@ -38,24 +38,31 @@ QUICK_OVERRIDES = [
 
 
 class PeakMemory:
-    """Samples the memory of this process and all its descendants (the local Ray's workers included)
-    once a second. ``peak_gib`` is the largest sum of proportional set sizes (PSS: a page shared by k
-    processes counts 1/k in each, so the torch and vLLM libraries every Ray worker maps count once);
-    ``peak_rss_gib`` is the largest plain sum of resident sizes, which counts shared pages again in
-    every process and so overstates what the machine needs."""
+    """Samples the memory of a process (``pid``, default this one) and all its descendants (the local
+    Ray's workers included) every ``interval_s``. ``peak_gib`` is the largest sum of proportional set
+    sizes (PSS: a page shared by k processes counts 1/k in each, so the torch and vLLM libraries every
+    Ray worker maps count once); ``peak_rss_gib`` is the largest plain sum of resident sizes, which
+    counts shared pages again in every process and so overstates what the machine needs."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s, self.peak_bytes, self.peak_rss_bytes = interval_s, 0, 0
+    def __init__(self, interval_s: float = 1.0, pid: int | None = None) -> None:
+        self.interval_s, self.pid, self.peak_bytes, self.peak_rss_bytes = interval_s, pid, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:  # it has already exited
+            return
         while not self._stop.is_set():
             pss = rss = 0
-            for process in [me, *me.children(recursive=True)]:
+            try:
+                processes = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for process in processes:
                 try:
                     info = process.memory_full_info()  # reads /proc/PID/smaps_rollup on Linux
                     pss += getattr(info, "pss", info.rss)

@@ -19,3 +19,11 @@ def test_peak_memory_counts_a_child_process_once():
     grown = busy.peak_gib - quiet.peak_gib
     assert 0.4 < grown < 0.8, (quiet.peak_gib, busy.peak_gib)  # the child's 0.5 GiB, counted once
     assert busy.peak_rss_gib >= busy.peak_gib  # RSS counts shared pages in full in every process
+
+
+def test_peak_memory_of_another_process_tree():
+    """benchmarks/vs_trl.py measures each framework's child process this way."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD_512_MIB])
+    with PeakMemory(interval_s=0.2, pid=child.pid) as memory:
+        child.wait()
+    assert 0.4 < memory.peak_gib < 0.8 and memory.peak_rss_gib >= memory.peak_gib
