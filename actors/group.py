@@ -139,7 +139,9 @@ class Learner:
 
     def optimizer_layout(self) -> dict[str, int]:
         """How this rank's optimiser state is sharded; a resume must find the same."""
-        return {"zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank}
+        from rlhf.optimizer_state import shard_layout
+
+        return shard_layout(self.zero_stage, self.world_size, self.rank)
 
     def save_optimizer(self, folder: str) -> str:
         """This rank's optimiser state (and fp32 master weights) as ``folder/rank_NNNNN.safetensors``;

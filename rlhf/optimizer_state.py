@@ -27,6 +27,11 @@ import torch
 LAYOUT_KEYS = ("zero_stage", "world_size", "rank")
 
 
+def shard_layout(zero_stage: int, world_size: int, rank: int) -> dict[str, int]:
+    """How one rank's optimiser state is sharded: what a file records and a resume must match."""
+    return {"zero_stage": zero_stage, "world_size": world_size, "rank": rank}
+
+
 class OptimizerStateError(RuntimeError):
     """An optimiser state file that does not fit the optimiser it is loaded into."""
 

@@ -189,10 +189,10 @@ def _save_resume_checkpoint(engine, scheduler, step: int, metrics: dict[str, flo
     import ray.train
     from safetensors.torch import save_file
 
-    from rlhf.optimizer_state import save_optimizer_state
+    from rlhf.optimizer_state import save_optimizer_state, shard_layout
 
     local = Path(tempfile.mkdtemp(prefix=f"rlhf-ckpt-r{ctx.rank}-"))
-    save_optimizer_state(engine.optimizer, local / OPTIMIZER_DIR, _layout(zero_stage, ctx))
+    save_optimizer_state(engine.optimizer, local / OPTIMIZER_DIR, shard_layout(zero_stage, ctx.world, ctx.rank))
     if ctx.rank == 0:
         if zero_stage < 3:
             # Copies: ZeRO 1-2 keep the parameters as views into one flat buffer, which safetensors refuses.
@@ -213,18 +213,14 @@ def _load_resume_checkpoint(engine, scheduler, resume: Path, ctx: WorkerContext,
     """Load what ``_save_resume_checkpoint`` wrote; returns the step to continue from."""
     from safetensors.torch import load_file
 
-    from rlhf.optimizer_state import load_optimizer_state
+    from rlhf.optimizer_state import load_optimizer_state, shard_layout
 
     state = json.loads((resume / STATE_FILE).read_text())
     if zero_stage < 3:  # under ZeRO-3 the module's shards are refreshed from the fp32 masters below
         engine.module.load_state_dict(load_file(str(resume / MODEL_FILE)), strict=True)
-    load_optimizer_state(engine.optimizer, resume / OPTIMIZER_DIR, _layout(zero_stage, ctx))
+    load_optimizer_state(engine.optimizer, resume / OPTIMIZER_DIR, shard_layout(zero_stage, ctx.world, ctx.rank))
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
-
-
-def _layout(zero_stage: int, ctx: WorkerContext) -> dict[str, int]:
-    return {"zero_stage": zero_stage, "world_size": ctx.world, "rank": ctx.rank}
 
 
 def check_resume_checkpoint(resume: Path, cfg: SFTConfig | RMConfig) -> None:
