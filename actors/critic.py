@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import Learner
-from rlhf.algorithms import mean_stats, ppo_schedule, value_loss
+from rlhf.algorithms import crop_to_window, mean_stats, ppo_schedule, scored_window, uncrop, value_loss
 from rlhf.algorithms.batching import select
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
@@ -33,24 +33,32 @@ class CriticLearner(Learner):
 
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(batch, seq - 1) values for this rank's share of a batch."""
+        """(batch, seq - 1) values for this rank's share of a batch (input_ids, attention_mask,
+        action_mask); zeros outside its scored window."""
         self.engine.eval()
-        return next_token_values(self.engine.module, batch["input_ids"].to(self.device),
-                                 batch["attention_mask"].to(self.device)).cpu()
+        window = scored_window(batch["action_mask"])
+        cropped = crop_to_window(batch, window)  # the model reads nothing past the last response token
+        values = next_token_values(self.engine.module, cropped["input_ids"].to(self.device),
+                                   cropped["attention_mask"].to(self.device))[:, window[0]:]
+        return uncrop(values.cpu(), window, batch["action_mask"].shape[1])
 
     def train(self, experience: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
         """Clipped value regression towards ``returns``. Keys: input_ids, attention_mask, action_mask,
         values (when the experience was made), returns."""
         algo = self.algo
         n = experience["input_ids"].shape[0]
+        # Micro-batches of similar lengths, each cut to its own scored window: less padding computed.
         schedule = ppo_schedule(n, algo.micro_batch_size, epochs=algo.epochs, seed=self.seed + iteration,
-                                grad_accum=algo.grad_accum)
+                                grad_accum=algo.grad_accum, lengths=experience["attention_mask"].sum(-1).tolist())
         self.engine.train()
         stats, skipped = [], 0
         for optimizer_step in schedule:
             for micro in optimizer_step:
-                batch = {k: v.to(self.device) for k, v in select(experience, micro.indices).items()}
-                values = next_token_values(self.engine.module, batch["input_ids"], batch["attention_mask"])
+                batch = select(experience, micro.indices)
+                window = scored_window(batch["action_mask"])
+                batch = {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}
+                values = next_token_values(self.engine.module, batch["input_ids"],
+                                           batch["attention_mask"])[:, window[0]:]
                 loss, micro_stats = value_loss(values, batch["values"], batch["returns"], batch["action_mask"],
                                                algo.value_clip)
                 self.engine.backward(loss)

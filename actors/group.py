@@ -27,13 +27,14 @@ class NonFiniteWeightsError(RuntimeError):
     """A learner's weights hold NaN or infinity: they are not written as a checkpoint."""
 
 
-def torch_threads(threads: int | None) -> int:
-    """Torch threads for a PPO actor: ``threads`` when set (config ``actor_threads``), else half this
-    node's cores, at least one. These actors work in pairs on shared cores (policy and critic train at
-    the same time; reference and reward score at the same time), and two actors each running a thread
-    per core oversubscribe them: on 2 cores a default-model PPO step took 48.0 s that way and 32.8 s
-    with one thread each (benchmarks/ppo_step.py)."""
-    return threads or max(1, (os.cpu_count() or 2) // 2)
+def torch_threads(threads: int | None, take_turns: bool = False) -> int:
+    """Torch threads for a PPO actor: ``threads`` when set (config ``actor_threads``); else all this
+    node's cores when the actors take turns (config ``actors_take_turns``), half of them (at least 1)
+    when they work in pairs at the same time. Two actors each running a thread per core oversubscribe
+    the cores: on 2 cores a default-model PPO step took 48.0 s that way and 32.8 s with one thread each
+    (benchmarks/ppo_step.py)."""
+    cores = os.cpu_count() or 2
+    return threads or (cores if take_turns else max(1, cores // 2))
 
 
 def free_port() -> int:
@@ -52,7 +53,7 @@ class Learner:
         return ray.util.get_node_ip_address(), free_port()
 
     def init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                         threads: int | None = None) -> None:
+                         threads: int | None = None, take_turns: bool = False) -> None:
         # Ray shows each GPU actor only its own device, so the local rank is always 0.
         os.environ.update({
             "RANK": str(rank), "LOCAL_RANK": "0",
@@ -60,7 +61,7 @@ class Learner:
         })
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(torch_threads(threads))
+        torch.set_num_threads(torch_threads(threads, take_turns))
         from cluster.runtime import clear_stale_build_locks
 
         clear_stale_build_locks()
@@ -171,7 +172,7 @@ class LearnerGroup:
 
     def __init__(self, actor_class, world_size: int, *, placement_group, bundle_indices: list[int],
                  num_cpus: float, num_gpus: float = 0.0, name: str = "learner", threads: int | None = None,
-                 start_timeout_s: float = 900.0):
+                 take_turns: bool = False, start_timeout_s: float = 900.0):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -192,7 +193,7 @@ class LearnerGroup:
         master_addr, master_port = wait_for_actors([self.actors[0].address.remote()], role=f"{name} rank 0",
                                                    timeout_s=start_timeout_s)[0]
         wait_for_actors([
-            actor.init_distributed.remote(rank, world_size, master_addr, master_port, threads)
+            actor.init_distributed.remote(rank, world_size, master_addr, master_port, threads, take_turns)
             for rank, actor in enumerate(self.actors)
         ], role=f"{name} ranks", timeout_s=start_timeout_s)
 

@@ -15,8 +15,8 @@ import torch
 
 from actors.group import Learner
 from rlhf.algorithms import (
-    causal_lm_logprobs, entropy_from_logits, logprob_diff, mean_stats, ppo_schedule, ptx_loss, token_logprobs,
-    total_policy_loss,
+    causal_lm_logprobs, crop_to_window, entropy_from_logits, logprob_diff, mean_stats, ppo_schedule, ptx_loss,
+    scored_window, token_logprobs, total_policy_loss, uncrop, windowed_logits,
 )
 from rlhf.algorithms.batching import select
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
@@ -40,12 +40,12 @@ class PolicyLearner(Learner):
         self._initialize(model, learning_rate=algo.policy_learning_rate, ds=ds, algo=algo, bf16=model_cfg.dtype == "bfloat16")
         self.algo, self.temperature, self.seed = algo, temperature, seed
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprobs of each next token and the logits they came from: (batch, seq-1), (batch, seq-1, vocab)."""
-        mask = batch["attention_mask"]
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids).logits[:, :-1]
-        return token_logprobs(logits, batch["input_ids"][:, 1:], self.temperature), logits
+    def _forward(self, batch: dict[str, torch.Tensor], window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logprobs of the tokens in ``window`` and the logits they came from, (batch, window) and
+        (batch, window, vocab); ``batch`` is a micro-batch cut to that window (``crop_to_window``)."""
+        logits = windowed_logits(self.engine, batch["input_ids"], batch["attention_mask"], window)
+        tokens = batch["input_ids"][:, window[0] + 1:window[1] + 1]
+        return token_logprobs(logits, tokens, self.temperature), logits
 
     @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
@@ -56,9 +56,11 @@ class PolicyLearner(Learner):
             raise RuntimeError("reference_logprobs needs a LoRA policy: without an adapter the policy is not the reference")
         module = self.engine.module
         self.engine.eval()
+        window = scored_window(batch["action_mask"])
         with module.disable_adapter():
-            return causal_lm_logprobs(module, batch["input_ids"].to(self.device),
-                                      batch["attention_mask"].to(self.device), temperature).float().cpu()
+            logprobs = causal_lm_logprobs(module, batch["input_ids"].to(self.device),
+                                          batch["attention_mask"].to(self.device), temperature, window=window)
+        return uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])
 
     def _ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The LM loss on one PTX micro-batch (input_ids, attention_mask, labels (batch, seq)), at
@@ -75,8 +77,9 @@ class PolicyLearner(Learner):
         per policy micro-batch of this call, in training order."""
         algo = self.algo
         n = experience["input_ids"].shape[0]
+        # Micro-batches of similar lengths, each cut to its own scored window: less padding computed.
         schedule = ppo_schedule(n, algo.micro_batch_size, epochs=algo.epochs, seed=self.seed + iteration,
-                                grad_accum=algo.grad_accum)
+                                grad_accum=algo.grad_accum, lengths=experience["attention_mask"].sum(-1).tolist())
         micro_count = sum(len(step) for step in schedule)
         if algo.ptx_coef > 0 and (ptx_batches is None or len(ptx_batches) != micro_count):
             raise ValueError(f"ppo.ptx_coef > 0: expected {micro_count} PTX micro-batches (one per policy "
@@ -86,11 +89,16 @@ class PolicyLearner(Learner):
         micro_index = skipped = 0
         for step_index, optimizer_step in enumerate(schedule):
             for micro in optimizer_step:
-                batch = {k: v.to(self.device) for k, v in select(experience, micro.indices).items()}
-                logprobs, logits = self._forward(batch)
+                batch = select(experience, micro.indices)
+                window = scored_window(batch["action_mask"])  # logits only where responses are
+                batch = {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}
+                logprobs, logits = self._forward(batch, window)
                 mask = batch["action_mask"]
-                want_entropy = algo.entropy_coef > 0
-                entropy = entropy_from_logits(logits if want_entropy else logits.detach())
+                if algo.entropy_coef > 0:
+                    entropy = entropy_from_logits(logits)
+                else:  # a statistic only: no gradient, and on response tokens alone
+                    with torch.no_grad():
+                        entropy = torch.zeros_like(logprobs).masked_scatter(mask, entropy_from_logits(logits[mask]))
                 ptx = self._ptx_loss(ptx_batches[micro_index]) if algo.ptx_coef > 0 else None
                 micro_index += 1
                 loss, micro_stats = total_policy_loss(

@@ -10,12 +10,13 @@ from rlhf.config import ModelConfig
 
 
 class ReferenceModel:
-    def __init__(self, model_cfg: ModelConfig, path: str, threads: int | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, path: str, threads: int | None = None,
+                 take_turns: bool = False) -> None:
         from rlhf.models import load_causal_lm
 
         from actors.group import torch_threads
 
-        torch.set_num_threads(torch_threads(threads))
+        torch.set_num_threads(torch_threads(threads, take_turns))
         self.model = load_causal_lm(model_cfg, path=path).eval()
         self.model.requires_grad_(False)
 
@@ -25,9 +26,14 @@ class ReferenceModel:
 
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-        """(batch, seq - 1) logprobs of each next token, at the policy's sampling temperature."""
-        from rlhf.algorithms import causal_lm_logprobs
+        """(batch, seq - 1) logprobs of each next token, at the policy's sampling temperature. With an
+        ``action_mask`` in ``batch`` only its scored window is computed (zeros elsewhere)."""
+        from rlhf.algorithms import causal_lm_logprobs, scored_window, uncrop
 
         device = next(self.model.parameters()).device
-        return causal_lm_logprobs(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                  temperature).float().cpu()
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if "action_mask" not in batch:
+            return causal_lm_logprobs(self.model, input_ids, attention_mask, temperature).float().cpu()
+        window = scored_window(batch["action_mask"])
+        logprobs = causal_lm_logprobs(self.model, input_ids, attention_mask, temperature, window=window)
+        return uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])

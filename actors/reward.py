@@ -10,12 +10,13 @@ from rlhf.config import RewardConfig
 
 
 class RewardScorer:
-    def __init__(self, cfg: RewardConfig, dtype: str = "float32", threads: int | None = None) -> None:
+    def __init__(self, cfg: RewardConfig, dtype: str = "float32", threads: int | None = None,
+                 take_turns: bool = False) -> None:
         from rlhf.judge import make_reward_fn
 
         from actors.group import torch_threads
 
-        torch.set_num_threads(torch_threads(threads))
+        torch.set_num_threads(torch_threads(threads, take_turns))
         self.score_fn = make_reward_fn(cfg, dtype=dtype)
 
     def pid(self) -> int:

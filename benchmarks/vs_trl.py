@@ -10,7 +10,10 @@ Both sides get:
   template and tokenised once; every step uses all of them, ``--samples`` responses each,
 - the same Python reward function (``--reward FILE.py:NAME``, default the 'letter e' rule reward),
 - the same generation length, temperature 1, learning rate (constant; AdamW betas 0.9/0.95, no weight
-  decay; one optimiser step per iteration), KL coefficient, clip range, number of steps, fp32.
+  decay; one optimiser step per iteration), KL coefficient, clip range, number of steps,
+- the same precision (``--dtype``): float32 for both, or bfloat16 mixed precision for both (ours:
+  ``model.dtype=bfloat16``, DeepSpeed bf16 learners with fp32 master weights and bf16 engines; TRL:
+  ``bf16=True``, autocast over fp32 weights, which is TRL's own GRPO default).
 
 PPO: ours (``ppo.advantage=gae``: vLLM rollouts, DeepSpeed policy and critic actors) against
 ``trl.experimental.ppo.PPOTrainer`` of TRL 0.29.1 (TRL 1.x dropped its PPO trainer) with one PPO epoch.
@@ -27,6 +30,7 @@ the reward curves against wall-clock time.
 
     python benchmarks/vs_trl.py --model tiny --steps 8 --output bench-results/vs_trl_tiny.json
     python benchmarks/vs_trl.py --model default --steps 8 --output bench-results/vs_trl_default.json
+    python benchmarks/vs_trl.py --model default --dtype bfloat16 --output bench-results/vs_trl_default_bf16.json
     python benchmarks/vs_trl.py --frameworks ours --algorithms grpo --model tiny --steps 1 --output /tmp/x.json
     python benchmarks/vs_trl.py --report-only --output bench-results/vs_trl_tiny.json   # table + PNG again
 
@@ -82,7 +86,8 @@ def our_config(spec: dict, algo: str, output_dir: str):
 
     micro, accum = micro_batching(spec)
     overrides = [
-        f"model.path={spec['model_path']}", f"output_dir={output_dir}", f"seed={spec['seed']}",
+        f"model.path={spec['model_path']}", f"model.dtype={spec['dtype']}", f"output_dir={output_dir}",
+        f"seed={spec['seed']}",
         f"reward.function={spec['reward']}", "data.train_path=default", f"data.max_records={spec['prompts']}",
         "data.max_length=192", "data.max_prompt_length=96",
         f"ppo.rollout_batch_size={spec['prompts']}", f"rollout.sampling.n={spec['samples']}",
@@ -214,7 +219,8 @@ def _trl_common(spec: dict) -> dict:
     return dict(
         per_device_train_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=spec["learning_rate"],
         lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0,
-        max_grad_norm=1.0, temperature=1.0, seed=spec["seed"], use_cpu=True, bf16=False, fp16=False,
+        max_grad_norm=1.0, temperature=1.0, seed=spec["seed"], use_cpu=True, bf16=spec["dtype"] == "bfloat16",
+        fp16=False,
         gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -413,7 +419,8 @@ def print_table(payload: dict) -> None:
     from rich.table import Table
 
     s = payload["settings"]
-    table = Table(title=f"vs TRL {TRL_VERSION}: {s['model']}, {s['prompts']} prompts x {s['samples']} samples x "
+    table = Table(title=f"vs TRL {TRL_VERSION}: {s['model']} {s.get('dtype', 'float32')}, {s['prompts']} prompts x "
+                        f"{s['samples']} samples x "
                         f"{s['max_new_tokens']} tokens, lr {s['learning_rate']:g}, {s['steps']} steps (median of "
                         f"steps 2..{s['steps']})")
     for column in ("algorithm", "framework", "s/step", "gen tokens/s", "peak RSS GiB", "peak PSS GiB",
@@ -491,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--eval-samples", type=int, default=8, help="samples per prompt for the reward after N steps")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="precision of both frameworks: float32, or bfloat16 mixed precision")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per framework and algorithm")
     parser.add_argument("--output", required=True, help="JSON results file; the PNG goes beside it")
     parser.add_argument("--report-only", action="store_true",
@@ -510,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"model": args.model, "model_path": resolve_model_path(args.model), "reward": args.reward,
             "steps": args.steps, "prompts": args.prompts, "samples": args.samples,
             "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate, "kl_coef": args.kl_coef,
-            "eval_samples": args.eval_samples, "seed": args.seed}
+            "eval_samples": args.eval_samples, "seed": args.seed, "dtype": args.dtype}
     micro_batching(spec)  # fail early on sizes that do not split
     spec["prompt_items"] = make_prompts(spec)
     if len(spec["prompt_items"]) != args.prompts:

@@ -351,6 +351,13 @@ class ActorPlacement:
     def describe(self) -> str:
         return self.placement.plan.describe()
 
+    def shared_cpu_node(self) -> Node | None:
+        """The node, when every actor runs on the CPUs of that one node (so they all share its cores);
+        None when any actor has a GPU or the actors span several nodes."""
+        node_ids = {node_id for ids in self.placement.actual.values() for node_id in ids}
+        no_gpu = all(slot.num_gpus == 0 for slots in self.slots.values() for slot in slots)
+        return self.placement.plan.nodes[node_ids.pop()] if len(node_ids) == 1 and no_gpu else None
+
     def remove(self) -> None:
         self.placement.remove()
 

@@ -504,10 +504,16 @@ class PPOConfig(StageConfig):
         3, gt=0, description="consecutive iterations whose rewards, logprobs or values hold NaN/inf (each is "
         "skipped, counted in faults/nonfinite_skipped) before the run stops",
     )
+    actors_take_turns: bool | None = Field(
+        None, description="the policy, critic, reference and reward actors run one at a time, each with all the "
+        "node's cores (reference, then values, then reward; critic training, then policy training), instead of "
+        "in pairs at the same time; default: take turns when every actor is on the CPUs of one node, where "
+        "pairs would share its cores and one core idles whenever one of the pair finishes first",
+    )
     actor_threads: int | None = Field(
-        None, gt=0, description="torch threads of each policy, critic, reference and reward actor; default: half "
-        "the cores of its node (at least 1), since they work in pairs on shared cores (policy and critic train "
-        "at the same time; reference and reward score at the same time)",
+        None, gt=0, description="torch threads of each policy, critic, reference and reward actor; default: all "
+        "the node's cores when the actors take turns, else half the cores of its node (at least 1), since they "
+        "work in pairs on shared cores",
     )
 
 

@@ -13,9 +13,11 @@ Who holds what:
 With ppo.ptx_coef > 0 the controller also draws one SFT micro-batch (ptx_data) per policy micro-batch,
 in an order fixed by (seed, iteration), and the policy adds its LM loss (InstructGPT's PTX term).
 
-One iteration is ``PPOTrainer.step``: generate -> reference logprobs, values and rewards in parallel
--> KL and advantages (pure torch, rlhf/algorithms) -> train critic and policy -> sync weights to the
-engines -> log. The math lives in rlhf/algorithms; this file only moves tensors between actors.
+One iteration is ``PPOTrainer.step``: generate -> reference logprobs, values and rewards -> KL and
+advantages (pure torch, rlhf/algorithms) -> train critic and policy -> sync weights to the engines ->
+log. The math lives in rlhf/algorithms; this file only moves tensors between actors. The actors of a
+phase work at the same time, or, on one CPU node, take turns with all its cores each
+(``actors_take_turns``; ``in_turns_or_together``).
 
 Faults: an inference actor (rollout engine, reward, reference) that dies is restarted on its own
 bundle and the iteration's experience is made again (``PPOTrainer.surviving``); a batch holding NaN or
@@ -209,9 +211,18 @@ class PPOTrainer:
             "policy": cfg.policy_workers, "critic": cfg.critic_workers if self.use_critic else 0,
             "reference": 0 if self.reference_from_policy else 1, "reward": 1, "rollout": cfg.rollout.engines,
         }, timeout_s=cfg.ray.resource_timeout_s)
+        # On one CPU node the model-running actors take turns, each with all its cores (see train()).
+        shared_node = self.placement.shared_cpu_node()
+        self.take_turns = shared_node is not None if cfg.actors_take_turns is None else cfg.actors_take_turns
+        threads = {"threads": cfg.actor_threads, "take_turns": self.take_turns}
         rollout_group, _, engine_cpus, engine_gpus = self.placement.group_of("rollout")
+        rollout_cfg = cfg.rollout
+        if self.take_turns and shared_node and rollout_cfg.threads_per_engine is None:
+            # Generation has the node to itself too: the engines split its cores, not their small bundles.
+            cores = int(shared_node.resources.get("CPU", 1))
+            rollout_cfg = rollout_cfg.model_copy(update={"threads_per_engine": max(1, cores // rollout_cfg.engines)})
         self.engines = RolloutGroup(
-            cfg.model.model_copy(update={"path": policy_path}), cfg.rollout, cpus_per_engine=engine_cpus,
+            cfg.model.model_copy(update={"path": policy_path}), rollout_cfg, cpus_per_engine=engine_cpus,
             gpus_per_engine=engine_gpus, placement_group=rollout_group, seed=cfg.seed,
             start_timeout_s=cfg.ray.actor_start_timeout_s,
             # Prompts are left-truncated to max_prompt_length: no sequence is longer than this, and a
@@ -222,7 +233,7 @@ class PPOTrainer:
         group, indices, cpus, gpus = self.placement.group_of("policy")
         self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=group,
                                    bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="policy",
-                                   start_timeout_s=cfg.ray.actor_start_timeout_s, threads=cfg.actor_threads)
+                                   start_timeout_s=cfg.ray.actor_start_timeout_s, **threads)
         setups = self.policy.call("setup", cfg.model, learner_path, cfg.ppo, cfg.deepspeed,
                                   self.sampling.temperature or 1.0, cfg.seed, adapter_path)
         self.critic = None
@@ -230,14 +241,14 @@ class PPOTrainer:
             group, indices, cpus, gpus = self.placement.group_of("critic")
             self.critic = LearnerGroup(CriticLearner, cfg.critic_workers, placement_group=group,
                                        bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="critic",
-                                       start_timeout_s=cfg.ray.actor_start_timeout_s, threads=cfg.actor_threads)
+                                       start_timeout_s=cfg.ray.actor_start_timeout_s, **threads)
             setups += self.critic.call("setup", cfg.critic or cfg.model, critic_path, cfg.ppo, cfg.deepspeed, cfg.seed)
 
         # The frozen initial model and the reward, each on its own bundle (restart_actor starts them again).
         self._start_reference = lambda: ray.remote(ReferenceModel).options(
-            **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path, cfg.actor_threads)
+            **self.placement.slots["reference"][0].options()).remote(cfg.model, base_path, **threads)
         self._start_reward = lambda: ray.remote(RewardScorer).options(
-            **self.placement.slots["reward"][0].options()).remote(cfg.reward, cfg.model.dtype, cfg.actor_threads)
+            **self.placement.slots["reward"][0].options()).remote(cfg.reward, cfg.model.dtype, **threads)
         self.reference = None if self.reference_from_policy else self._start_reference()
         self.reward = self._start_reward()
         timeout_s = cfg.ray.actor_start_timeout_s
@@ -311,24 +322,32 @@ class PPOTrainer:
         samples = self.engines.generate([p["prompt_ids"] for p in prompts], sampling)
         timings["timing/generation"] = time.perf_counter() - started
 
-        # 2. Reference logprobs, values and rewards, in parallel.
+        # 2. Reference logprobs, values and rewards: at the same time, or one after another when the
+        #    actors take turns on shared cores.
         started = time.perf_counter()
         batch = samples_to_batch(samples, self.tokenizer.pad_token_id)
-        rollout = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        # With the action mask the models score the response tokens alone (scored_window).
+        rollout = {k: batch[k] for k in ("input_ids", "attention_mask", "action_mask")}
         temperature = self.sampling.temperature or 1.0
-        if self.reference is not None:
-            ref_refs = [self.reference.logprobs.remote(rollout, temperature)]
-        else:
-            ref_refs = self.policy.call_sharded("reference_logprobs", shard(rollout, len(self.policy.actors)),
-                                                temperature)
-        value_refs = (self.critic.call_sharded("values", shard(rollout, len(self.critic.actors)))
-                      if self.critic else [])
         texts = [s.text for s in samples]
         prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
-        score_ref = self.reward.scores.remote(prompt_texts, texts)
-        ref_logprobs = torch.cat(ray.get(ref_refs))
-        values = torch.cat(ray.get(value_refs)) if value_refs else None
-        scores = torch.tensor(ray.get(score_ref), dtype=torch.float32)
+
+        def reference_logprobs():
+            if self.reference is not None:
+                return [self.reference.logprobs.remote(rollout, temperature)]
+            return self.policy.call_sharded("reference_logprobs", shard(rollout, len(self.policy.actors)), temperature)
+
+        def values():
+            return self.critic.call_sharded("values", shard(rollout, len(self.critic.actors))) if self.critic else []
+
+        def scores():
+            return [self.reward.scores.remote(prompt_texts, texts)]
+
+        ref_parts, value_parts, (score_list,) = self.in_turns_or_together(
+            [(reference_logprobs, ray.get), (values, ray.get), (scores, ray.get)])
+        ref_logprobs = torch.cat(ref_parts)
+        values = torch.cat(value_parts) if value_parts else None
+        scores = torch.tensor(score_list, dtype=torch.float32)
 
         # 3. KL, rewards and advantages: pure torch.
         ended = torch.tensor([s.finish_reason == "stop" for s in samples])
@@ -341,23 +360,35 @@ class PPOTrainer:
         return batch, {**experience, "scores": scores}, metrics, timings
 
     def train(self, experience: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Step 4: train critic and policy (in parallel: different actors); rank 0's stats. A dead
-        rank is a ``LearnerLostError``."""
+        """Step 4: train critic and policy (at the same time, or the critic first when the actors take
+        turns); rank 0's stats. A dead rank is a ``LearnerLostError``."""
         policy_keys = ["input_ids", "attention_mask", "action_mask", "logprobs", "advantages", "ref_logprobs"]
         world = len(self.policy.actors)
         policy_shards = shard({k: experience[k] for k in policy_keys}, world)
         ptx = self.ptx_batches(experience["input_ids"].shape[0] // world, world)
-        policy_refs = [actor.train.remote(part, self.kl_controller.value, self.iteration, ptx[rank])
-                       for rank, (actor, part) in enumerate(zip(self.policy.actors, policy_shards))]
-        critic_refs = []
-        if self.critic:
+
+        def train_policy():
+            return [actor.train.remote(part, self.kl_controller.value, self.iteration, ptx[rank])
+                    for rank, (actor, part) in enumerate(zip(self.policy.actors, policy_shards))]
+
+        def train_critic():
             critic_keys = ["input_ids", "attention_mask", "action_mask", "values", "returns"]
-            critic_refs = self.critic.call_sharded(
+            return self.critic.call_sharded(
                 "train", shard({k: experience[k] for k in critic_keys}, len(self.critic.actors)), self.iteration,
             )
-        policy_stats = self.policy.get(policy_refs)[0]
-        critic_stats = self.critic.get(critic_refs)[0] if critic_refs else {}
-        return {**policy_stats, **critic_stats}
+
+        calls = [(train_critic, self.critic.get)] if self.critic else []  # LearnerGroup.get fails fast
+        *critic_stats, policy_stats = self.in_turns_or_together(calls + [(train_policy, self.policy.get)])
+        return {**policy_stats[0], **(critic_stats[0][0] if critic_stats else {})}
+
+    def in_turns_or_together(self, calls: list[tuple[Callable[[], list], Callable[[list], list]]]) -> list[list]:
+        """Run remote calls, each a ``(start, get)`` pair (``start()`` returns object refs), and return
+        ``get(refs)`` of each, in order: all started at once, or, when the actors take turns on shared
+        cores, each finished before the next starts (so one actor has all the cores at a time)."""
+        if self.take_turns:
+            return [get(start()) for start, get in calls]
+        started = [(start(), get) for start, get in calls]
+        return [get(refs) for refs, get in started]
 
     def skip_nonfinite(self, what: str, metrics: dict[str, float]) -> dict[str, float]:
         """Count a batch that held NaN or infinity and move on to the next iteration (its prompts and

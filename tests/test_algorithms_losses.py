@@ -171,6 +171,22 @@ def test_ppo_schedule_groups_micro_batches_into_weighted_steps():
     assert [mb.indices for step in steps for mb in step] == micro_batches(5, 2, epochs=2, seed=0)
 
 
+def test_ppo_schedule_with_lengths_regroups_each_step_by_length_only():
+    lengths = [9, 1, 7, 3, 8, 2, 6, 4, 5, 0]
+    plain = ppo_schedule(10, 2, epochs=2, seed=3, grad_accum=2)
+    grouped = ppo_schedule(10, 2, epochs=2, seed=3, grad_accum=2, lengths=lengths)
+    # Same steps, same items in each step, same weights: only the micro-batches within a step change.
+    assert [sorted(i for mb in step for i in mb.indices) for step in grouped] == \
+        [sorted(i for mb in step for i in mb.indices) for step in plain]
+    assert [[mb.loss_weight for mb in step] for step in grouped] == [[mb.loss_weight for mb in step] for step in plain]
+    for step in grouped:
+        order = [lengths[i] for mb in step for i in mb.indices]
+        assert order == sorted(order)  # similar lengths share a micro-batch
+    assert grouped != plain
+    with pytest.raises(ValueError, match="lengths has 3 entries for 10 items"):
+        ppo_schedule(10, 2, epochs=1, seed=0, lengths=[1, 2, 3])
+
+
 def test_select_and_mean_stats():
     batch = {"x": torch.tensor([[0, 1], [2, 3], [4, 5]]), "name": "rollout"}
     picked = select(batch, [2, 0])

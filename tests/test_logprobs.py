@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.algorithms import causal_lm_logprobs, logprob_diff, token_logprobs
+from rlhf.algorithms import causal_lm_logprobs, crop_to_window, logprob_diff, scored_window, token_logprobs, uncrop
 
 
 def test_token_logprobs_is_log_softmax_at_tokens():
@@ -72,3 +72,49 @@ def test_causal_lm_logprobs_matches_manual_and_ignores_padding(tiny_model_dir):
         from_right = causal_lm_logprobs(model, right, (right != pad).long(), temperature=0.9)[:, :4]
     torch.testing.assert_close(from_left, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(from_right, out, atol=1e-5, rtol=1e-5)
+
+
+def test_scored_window_spans_every_rows_actions():
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert scored_window(mask) == (2, 6)
+    assert scored_window(mask[:1]) == (2, 4)
+    assert scored_window(torch.zeros(2, 4, dtype=torch.bool)) == (0, 0)
+
+
+def test_crop_to_window_and_uncrop():
+    batch = {"input_ids": torch.arange(14).reshape(2, 7), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+             "action_mask": torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool),
+             "advantages": torch.arange(12.0).reshape(2, 6)}
+    window = scored_window(batch["action_mask"])
+    assert window == (1, 4)
+    cropped = crop_to_window(batch, window)
+    assert cropped["input_ids"].tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]]  # tokens up to column stop
+    assert cropped["advantages"].tolist() == [[1.0, 2.0, 3.0], [7.0, 8.0, 9.0]]
+    assert cropped["action_mask"].sum() == batch["action_mask"].sum()  # no action is cut off
+    back = uncrop(cropped["advantages"], window, 6)
+    assert back.tolist() == [[0.0, 1.0, 2.0, 3.0, 0.0, 0.0], [0.0, 7.0, 8.0, 9.0, 0.0, 0.0]]
+
+
+def test_windowed_logprobs_equal_the_full_computation_on_the_window(tiny_model_dir):
+    """Reading only the tokens up to the window's end and computing logits inside it gives the same
+    logprobs as the full forward (right padding, rows of different prompt and response lengths)."""
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_model_dir)), device="cpu").eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (3, 12))
+    attention = torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 7 + [0] * 5])
+    action = torch.zeros(3, 11, dtype=torch.bool)
+    action[0, 6:11], action[1, 3:8], action[2, 4:6] = True, True, True
+    with torch.no_grad():
+        full = causal_lm_logprobs(model, ids, attention, temperature=0.8)
+        window = scored_window(action)
+        assert window == (3, 11)
+        windowed = causal_lm_logprobs(model, ids, attention, temperature=0.8, window=window)
+        # A window that ends before the batch does: the model reads fewer columns.
+        short = causal_lm_logprobs(model, ids, attention, temperature=0.8, window=(4, 6))
+    assert windowed.shape == (3, 8)
+    torch.testing.assert_close(windowed[action[:, 3:11]], full[:, 3:11][action[:, 3:11]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(uncrop(windowed, window, 11)[action], full[action], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(short, full[:, 4:6], rtol=1e-5, atol=1e-5)

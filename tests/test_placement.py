@@ -167,6 +167,21 @@ def test_the_readme_example_fits_the_shipped_clusters():
         plan(role_layout(cfg.placement, {**replicas, "policy": 3})[0], shipped_cluster_nodes()["kuberay"])
 
 
+def test_shared_cpu_node_only_when_every_actor_is_on_the_cpus_of_one_node():
+    """What decides whether PPO's actors take turns (rlhf/ppo.py, actors_take_turns)."""
+    from cluster.placement import ActorPlacement, Placement, Plan, Slot
+
+    def placed(actual, gpus=0.0):
+        plan_ = Plan(requests={}, nodes={n.node_id: n for n in NODES}, assignment=actual)
+        slots = {r: [Slot(None, i, 0.25, gpus) for i in range(len(ids))] for r, ids in actual.items()}
+        return ActorPlacement(Placement(plan_, {}, actual), slots)
+
+    one_node = {"policy": [HEAD.node_id, HEAD.node_id], "critic": [HEAD.node_id], "rollout": [HEAD.node_id]}
+    assert placed(one_node).shared_cpu_node() == HEAD
+    assert placed(one_node, gpus=0.5).shared_cpu_node() is None  # GPU actors do not share the CPU cores
+    assert placed({**one_node, "rollout": [ROLLOUT.node_id]}).shared_cpu_node() is None  # two nodes
+
+
 def test_nodes_from_ray_keeps_alive_nodes_without_ip_markers():
     ray_nodes = [
         {"NodeID": "a" * 8, "NodeManagerAddress": "10.0.0.1", "Alive": True,
@@ -281,6 +296,7 @@ def test_each_ppo_role_runs_on_the_nodes_its_config_asks_for(nodes):
         assert (placement.slots["reference"][0].num_gpus, placement.slots["policy"][0].num_gpus) == (0.5, 0.5)
         assert ray.get(on["reference"][0].gpus.remote()) == ray.get(on["policy"][0].gpus.remote())
         assert placement.group_of("policy")[1:] == ([0, 1], 0.25, 0.5)  # the smaller share for every rank
+        assert placement.shared_cpu_node() is None  # three nodes and GPUs: the PPO actors work at the same time
 
         # Too small: an error naming the role and what is missing, before any group is made.
         before = created_groups()

@@ -47,6 +47,17 @@ def test_config_checks_before_any_actor_starts(tiny_model_dir, tmp_path):
     check_config(_cfg(tiny_model_dir, tmp_path, "model.lora.r=4", "ppo.ptx_coef=0.5", "ptx_data.train_path=default"))
 
 
+def test_actor_threads_all_cores_when_taking_turns_half_in_pairs():
+    import os
+
+    from actors.group import torch_threads
+
+    cores = os.cpu_count()
+    assert torch_threads(None, take_turns=True) == cores
+    assert torch_threads(None) == max(1, cores // 2)
+    assert torch_threads(3, take_turns=True) == torch_threads(3) == 3  # actor_threads wins
+
+
 def test_ptx_micro_batches_depend_only_on_seed_iteration_and_rank():
     def draw(iteration, rank, world=2):
         return ptx_micro_batches(iteration, rank=rank, world=world, micro_batches=2, n_items=24, batch_size=3, seed=7)
@@ -149,7 +160,8 @@ def test_broadcast_weight_sync_and_zero3_two_policy_ranks(tiny_model_dir, tmp_pa
     try:
         run(_cfg(tiny_model_dir, out, "steps=3", "rollout.weight_sync=broadcast", "policy_workers=2",
                  "deepspeed.zero_stage=3", "ppo.advantage=grpo", "ppo.micro_batch_size=4",
-                 "ppo.policy_learning_rate=3e-3", "placement.cpus_per_actor=0.2"))
+                 "ppo.policy_learning_rate=3e-3", "placement.cpus_per_actor=0.2",
+                 "actors_take_turns=false"))  # the actors of a phase at the same time (elsewhere: in turns)
     finally:
         ray.shutdown()
     records = read_metrics(out / "metrics.jsonl")

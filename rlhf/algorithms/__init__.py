@@ -3,9 +3,12 @@
 Tensors are ``(batch, seq)`` with an ``action_mask`` marking the response tokens.
 """
 
-from rlhf.algorithms.logprobs import causal_lm_logprobs, logprob_diff, token_logprobs
+from rlhf.algorithms.logprobs import (
+    causal_lm_logprobs, crop_to_window, logprob_diff, scored_window, token_logprobs, uncrop, windowed_logits,
+)
 
-__all__ = ["causal_lm_logprobs", "logprob_diff", "token_logprobs"]
+__all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "scored_window", "token_logprobs", "uncrop",
+           "windowed_logits"]
 
 # PPO with a KL penalty: kl.py (KL estimators, controllers), rewards.py (scores -> token rewards),
 # advantages.py (estimator registry, whitening), losses.py (the PPO loss), batching.py (epochs, micro-batches).

@@ -18,6 +18,7 @@ what it holds and the step's gradient is that of the mean over the step's sequen
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,21 +64,30 @@ class MicroBatch:
 
 
 def ppo_schedule(n_items: int, micro_batch_size: int, *, epochs: int, seed: int,
-                 grad_accum: int = 1) -> list[list[MicroBatch]]:
+                 grad_accum: int = 1, lengths: Sequence[int] | None = None) -> list[list[MicroBatch]]:
     """Optimiser steps, each a list of up to ``grad_accum`` micro-batches (see the module docstring).
 
     The micro-batches are those of :func:`micro_batches` with the same arguments, in the same order.
     Within a step, ``loss_weight = len(indices) / items in the step``, so the weights sum to 1.
+
+    With ``lengths`` (one per item, e.g. tokens up to the end of each response) each step's items
+    are regrouped by length before they are cut into micro-batches: every step still trains on the
+    same items with the same weights, but a micro-batch holds sequences of similar length, so it
+    carries less padding (the learners crop it to its own scored window).
     """
     if grad_accum <= 0:
         raise ValueError(f"grad_accum must be > 0, got {grad_accum}")
+    if lengths is not None and len(lengths) != n_items:
+        raise ValueError(f"lengths has {len(lengths)} entries for {n_items} items")
     steps: list[list[MicroBatch]] = []
+    per_step = micro_batch_size * grad_accum
     for epoch, order in enumerate(_epoch_orders(n_items, epochs, seed)):
-        chunks = _chunks(order, micro_batch_size)
-        for start in range(0, len(chunks), grad_accum):
-            group = chunks[start:start + grad_accum]
-            step_items = sum(len(chunk) for chunk in group)
-            steps.append([MicroBatch(epoch, chunk, len(chunk) / step_items) for chunk in group])
+        for start in range(0, len(order), per_step):
+            items = order[start:start + per_step]
+            if lengths is not None:
+                items = sorted(items, key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+            chunks = _chunks(items, micro_batch_size)
+            steps.append([MicroBatch(epoch, chunk, len(chunk) / len(items)) for chunk in chunks])
     return steps
 
 

@@ -35,18 +35,73 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return out
 
 
+def scored_window(action_mask: torch.Tensor) -> tuple[int, int]:
+    """Columns ``[start, stop)`` of a (batch, seq - 1) ``action_mask`` that hold every action: from
+    the earliest response token of any row to the last one. (0, 0) when there is no action.
+
+    A PPO batch is mostly prompt and padding outside this window, and nothing there is ever scored:
+    the learners read only the tokens up to ``stop`` and compute logits (a vocabulary-wide matrix
+    product and softmax per position) only inside it. See :func:`crop_to_window`.
+    """
+    columns = action_mask.any(0).nonzero()
+    if len(columns) == 0:
+        return 0, 0
+    return int(columns[0]), int(columns[-1]) + 1
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask")  # (batch, seq); every other tensor is (batch, seq - 1)
+
+
+def crop_to_window(batch: dict[str, torch.Tensor], window: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """``batch`` cut to a :func:`scored_window`: ``input_ids`` and ``attention_mask`` keep columns
+    ``:stop + 1`` (the tokens the window's positions read, causally; later columns are padding or
+    unscored), every other (batch, seq - 1) tensor keeps ``start:stop``. Exact: a causal model's
+    outputs at a position do not depend on later tokens."""
+    start, stop = window
+    return {key: value[:, :stop + 1] if key in SEQUENCE_KEYS else value[:, start:stop]
+            for key, value in batch.items()}
+
+
+def uncrop(windowed: torch.Tensor, window: tuple[int, int], width: int) -> torch.Tensor:
+    """(batch, stop - start) -> (batch, width): the window's values in place, zeros elsewhere
+    (positions outside it hold no action, so every consumer masks them)."""
+    out = windowed.new_zeros((windowed.shape[0], width))
+    out[:, window[0]:window[1]] = windowed
+    return out
+
+
 def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
+                       temperature: float = 1.0, *, window: tuple[int, int] | None = None) -> torch.Tensor:
     """Logprob of each next token under a causal LM.
 
     input_ids, attention_mask (batch, seq) -> (batch, seq - 1): position ``i`` is the logprob of
     ``input_ids[:, i + 1]`` given ``input_ids[:, : i + 1]``. Pair it with an ``action_mask``
     (batch, seq - 1) that marks response tokens. Padding may be on either side: position ids come
     from the attention mask, so left-padded rows see the same positions as unpadded ones.
+
+    With ``window=(start, stop)`` (:func:`scored_window`) only positions ``start..stop - 1`` are
+    scored: the model reads ``input_ids[:, :stop + 1]`` and computes logits there alone
+    (``logits_to_keep``); the result is (batch, stop - start), the same numbers as the full call's
+    columns ``start:stop``.
     """
+    if window is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+    return token_logprobs(windowed_logits(model, input_ids, attention_mask, window),
+                          input_ids[:, window[0] + 1:window[1] + 1], temperature)
+
+
+def windowed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    window: tuple[int, int]) -> torch.Tensor:
+    """Next-token logits at positions ``start..stop - 1`` only: (batch, stop - start, vocab).
+    ``input_ids`` may be the full batch or already cropped (:func:`crop_to_window`)."""
+    start, stop = window
+    input_ids, attention_mask = input_ids[:, :stop + 1], attention_mask[:, :stop + 1]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=stop + 1 - start).logits
+    return logits[:, :-1]
 
 
 def logprob_diff(engine_logprobs: torch.Tensor, learner_logprobs: torch.Tensor,
