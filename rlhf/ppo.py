@@ -337,14 +337,14 @@ class PPOTrainer:
                 return [self.reference.logprobs.remote(rollout, temperature)]
             return self.policy.call_sharded("reference_logprobs", shard(rollout, len(self.policy.actors)), temperature)
 
-        def values():
+        def critic_values():
             return self.critic.call_sharded("values", shard(rollout, len(self.critic.actors))) if self.critic else []
 
         def scores():
             return [self.reward.scores.remote(prompt_texts, texts)]
 
         ref_parts, value_parts, (score_list,) = self.in_turns_or_together(
-            [(reference_logprobs, ray.get), (values, ray.get), (scores, ray.get)])
+            [(reference_logprobs, ray.get), (critic_values, ray.get), (scores, ray.get)])
         ref_logprobs = torch.cat(ref_parts)
         values = torch.cat(value_parts) if value_parts else None
         scores = torch.tensor(score_list, dtype=torch.float32)
