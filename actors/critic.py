@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import Learner
-from rlhf.algorithms import crop_to_window, mean_stats, ppo_schedule, scored_window, uncrop, value_loss
-from rlhf.algorithms.batching import select
+from rlhf.algorithms import crop_to_window, mean_stats, scored_window, uncrop, value_loss
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
 
@@ -46,17 +45,12 @@ class CriticLearner(Learner):
         """Clipped value regression towards ``returns``. Keys: input_ids, attention_mask, action_mask,
         values (when the experience was made), returns."""
         algo = self.algo
-        n = experience["input_ids"].shape[0]
-        # Micro-batches of similar lengths, each cut to its own scored window: less padding computed.
-        schedule = ppo_schedule(n, algo.micro_batch_size, epochs=algo.epochs, seed=self.seed + iteration,
-                                grad_accum=algo.grad_accum, lengths=experience["attention_mask"].sum(-1).tolist())
+        schedule = self._schedule(experience, iteration)
         self.engine.train()
         stats, skipped = [], 0
         for optimizer_step in schedule:
             for micro in optimizer_step:
-                batch = select(experience, micro.indices)
-                window = scored_window(batch["action_mask"])
-                batch = {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}
+                batch, window = self._micro_batch(experience, micro.indices)
                 values = next_token_values(self.engine.module, batch["input_ids"],
                                            batch["attention_mask"])[:, window[0]:]
                 loss, micro_stats = value_loss(values, batch["values"], batch["returns"], batch["action_mask"],

@@ -85,6 +85,27 @@ class Learner:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.zero_stage = ds.zero_stage
 
+    def _schedule(self, experience: dict[str, torch.Tensor], iteration: int) -> list:
+        """This call's optimiser steps and micro-batches (``ppo_schedule``), shuffled by seed and
+        iteration; micro-batches group sequences of similar length, so each carries little padding."""
+        from rlhf.algorithms import ppo_schedule
+
+        algo = self.algo
+        return ppo_schedule(experience["input_ids"].shape[0], algo.micro_batch_size, epochs=algo.epochs,
+                            seed=self.seed + iteration, grad_accum=algo.grad_accum,
+                            lengths=experience["attention_mask"].sum(-1).tolist())
+
+    def _micro_batch(self, experience: dict[str, torch.Tensor],
+                     indices: list[int]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        """Rows ``indices`` of ``experience`` cut to their scored window (``crop_to_window``: no
+        padding past the last response token) on this rank's device, and that window."""
+        from rlhf.algorithms import crop_to_window, scored_window
+        from rlhf.algorithms.batching import select
+
+        batch = select(experience, indices)
+        window = scored_window(batch["action_mask"])
+        return {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}, window
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0, None elsewhere; every rank must call it (ZeRO-3 gathers)."""
         if self.zero_stage == 3:

@@ -15,10 +15,9 @@ import torch
 
 from actors.group import Learner
 from rlhf.algorithms import (
-    causal_lm_logprobs, crop_to_window, entropy_from_logits, logprob_diff, mean_stats, ppo_schedule, ptx_loss,
-    scored_window, token_logprobs, total_policy_loss, uncrop, windowed_logits,
+    entropy_from_logits, logprob_diff, mean_stats, ptx_loss, response_logprobs, token_logprobs, total_policy_loss,
+    windowed_logits,
 )
-from rlhf.algorithms.batching import select
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
 
@@ -56,11 +55,8 @@ class PolicyLearner(Learner):
             raise RuntimeError("reference_logprobs needs a LoRA policy: without an adapter the policy is not the reference")
         module = self.engine.module
         self.engine.eval()
-        window = scored_window(batch["action_mask"])
         with module.disable_adapter():
-            logprobs = causal_lm_logprobs(module, batch["input_ids"].to(self.device),
-                                          batch["attention_mask"].to(self.device), temperature, window=window)
-        return uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])
+            return response_logprobs(module, batch, temperature)
 
     def _ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The LM loss on one PTX micro-batch (input_ids, attention_mask, labels (batch, seq)), at
@@ -76,10 +72,7 @@ class PolicyLearner(Learner):
         With ``ppo.ptx_coef > 0``, ``ptx_batches`` holds one SFT micro-batch (``collate_sft`` layout)
         per policy micro-batch of this call, in training order."""
         algo = self.algo
-        n = experience["input_ids"].shape[0]
-        # Micro-batches of similar lengths, each cut to its own scored window: less padding computed.
-        schedule = ppo_schedule(n, algo.micro_batch_size, epochs=algo.epochs, seed=self.seed + iteration,
-                                grad_accum=algo.grad_accum, lengths=experience["attention_mask"].sum(-1).tolist())
+        schedule = self._schedule(experience, iteration)
         micro_count = sum(len(step) for step in schedule)
         if algo.ptx_coef > 0 and (ptx_batches is None or len(ptx_batches) != micro_count):
             raise ValueError(f"ppo.ptx_coef > 0: expected {micro_count} PTX micro-batches (one per policy "
@@ -89,9 +82,7 @@ class PolicyLearner(Learner):
         micro_index = skipped = 0
         for step_index, optimizer_step in enumerate(schedule):
             for micro in optimizer_step:
-                batch = select(experience, micro.indices)
-                window = scored_window(batch["action_mask"])  # logits only where responses are
-                batch = {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}
+                batch, window = self._micro_batch(experience, micro.indices)  # logits only where responses are
                 logprobs, logits = self._forward(batch, window)
                 mask = batch["action_mask"]
                 if algo.entropy_coef > 0:

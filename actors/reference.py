@@ -26,14 +26,8 @@ class ReferenceModel:
 
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-        """(batch, seq - 1) logprobs of each next token, at the policy's sampling temperature. With an
-        ``action_mask`` in ``batch`` only its scored window is computed (zeros elsewhere)."""
-        from rlhf.algorithms import causal_lm_logprobs, scored_window, uncrop
+        """(batch, seq - 1) logprobs of the response tokens of ``batch`` (input_ids, attention_mask,
+        action_mask) at the policy's sampling temperature; zeros outside its scored window."""
+        from rlhf.algorithms import response_logprobs
 
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if "action_mask" not in batch:
-            return causal_lm_logprobs(self.model, input_ids, attention_mask, temperature).float().cpu()
-        window = scored_window(batch["action_mask"])
-        logprobs = causal_lm_logprobs(self.model, input_ids, attention_mask, temperature, window=window)
-        return uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])
+        return response_logprobs(self.model, batch, temperature)

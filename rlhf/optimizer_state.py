@@ -27,9 +27,14 @@ import torch
 LAYOUT_KEYS = ("zero_stage", "world_size", "rank")
 
 
+def group_layout(zero_stage: int, world_size: int) -> dict[str, int]:
+    """How a learner group's optimiser states are sharded: what a checkpoint records and a resume must match."""
+    return {"zero_stage": zero_stage, "world_size": world_size}
+
+
 def shard_layout(zero_stage: int, world_size: int, rank: int) -> dict[str, int]:
     """How one rank's optimiser state is sharded: what a file records and a resume must match."""
-    return {"zero_stage": zero_stage, "world_size": world_size, "rank": rank}
+    return {**group_layout(zero_stage, world_size), "rank": rank}
 
 
 class OptimizerStateError(RuntimeError):

@@ -44,6 +44,7 @@ from rlhf.algorithms import (
 from rlhf.config import ConfigError, PPOConfig, save_config
 from rlhf.data.formats import last_user_text
 from rlhf.data.split import epoch_permutation
+from rlhf.optimizer_state import group_layout
 from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.ppo")
@@ -619,9 +620,9 @@ def load_ptx_data(cfg: PPOConfig, tokenizer) -> list[dict]:
 
 def optimizer_layout(cfg: PPOConfig) -> dict[str, dict[str, int]]:
     """Per learner role, how its optimiser state is sharded (ZeRO stage, ranks): a resume needs the same."""
-    layout = {"policy": {"zero_stage": cfg.deepspeed.zero_stage, "world_size": cfg.policy_workers}}
+    layout = {"policy": group_layout(cfg.deepspeed.zero_stage, cfg.policy_workers)}
     if needs_critic(cfg.ppo.advantage):
-        layout["critic"] = {"zero_stage": cfg.deepspeed.zero_stage, "world_size": cfg.critic_workers}
+        layout["critic"] = group_layout(cfg.deepspeed.zero_stage, cfg.critic_workers)
     return layout
 
 

@@ -24,6 +24,7 @@ import torch
 
 from rlhf.config import DeepSpeedConfig, OptimConfig, RMConfig, SFTConfig, deep_merge
 from rlhf.data.split import epoch_permutation
+from rlhf.optimizer_state import group_layout, load_optimizer_state, save_optimizer_state, shard_layout
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"  # a resume checkpoint's module weights (ZeRO 0-2; ZeRO-3's are in its masters)
@@ -189,8 +190,6 @@ def _save_resume_checkpoint(engine, scheduler, step: int, metrics: dict[str, flo
     import ray.train
     from safetensors.torch import save_file
 
-    from rlhf.optimizer_state import save_optimizer_state, shard_layout
-
     local = Path(tempfile.mkdtemp(prefix=f"rlhf-ckpt-r{ctx.rank}-"))
     save_optimizer_state(engine.optimizer, local / OPTIMIZER_DIR, shard_layout(zero_stage, ctx.world, ctx.rank))
     if ctx.rank == 0:
@@ -199,7 +198,7 @@ def _save_resume_checkpoint(engine, scheduler, step: int, metrics: dict[str, flo
             save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in engine.module.state_dict().items()},
                       str(local / MODEL_FILE))
         state = {"step": step, "scheduler": scheduler.state_dict(),
-                 "layout": {"zero_stage": zero_stage, "world_size": ctx.world}}
+                 "layout": group_layout(zero_stage, ctx.world)}
         (local / STATE_FILE).write_text(json.dumps(state))
     ray.train.report(
         metrics,
@@ -212,8 +211,6 @@ def _save_resume_checkpoint(engine, scheduler, step: int, metrics: dict[str, flo
 def _load_resume_checkpoint(engine, scheduler, resume: Path, ctx: WorkerContext, zero_stage: int) -> int:
     """Load what ``_save_resume_checkpoint`` wrote; returns the step to continue from."""
     from safetensors.torch import load_file
-
-    from rlhf.optimizer_state import load_optimizer_state, shard_layout
 
     state = json.loads((resume / STATE_FILE).read_text())
     if zero_stage < 3:  # under ZeRO-3 the module's shards are refreshed from the fp32 masters below
@@ -233,7 +230,7 @@ def check_resume_checkpoint(resume: Path, cfg: SFTConfig | RMConfig) -> None:
     if layout is None:
         raise TrainingError(f"resume_from {resume}: written by an older version (DeepSpeed pickles), which is not "
                             "loaded: weights load only from safetensors")
-    now = {"zero_stage": cfg.deepspeed.zero_stage, "world_size": cfg.scaling.workers}
+    now = group_layout(cfg.deepspeed.zero_stage, cfg.scaling.workers)
     if layout != now:
         raise TrainingError(f"resume_from {resume}: saved with deepspeed.zero_stage={layout['zero_stage']} and "
                             f"scaling.workers={layout['world_size']}, the config gives {now['zero_stage']} and "

@@ -4,11 +4,12 @@ Tensors are ``(batch, seq)`` with an ``action_mask`` marking the response tokens
 """
 
 from rlhf.algorithms.logprobs import (
-    causal_lm_logprobs, crop_to_window, logprob_diff, scored_window, token_logprobs, uncrop, windowed_logits,
+    causal_lm_logprobs, crop_to_window, logprob_diff, response_logprobs, scored_window, token_logprobs, uncrop,
+    windowed_logits,
 )
 
-__all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "scored_window", "token_logprobs", "uncrop",
-           "windowed_logits"]
+__all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "response_logprobs", "scored_window",
+           "token_logprobs", "uncrop", "windowed_logits"]
 
 # PPO with a KL penalty: kl.py (KL estimators, controllers), rewards.py (scores -> token rewards),
 # advantages.py (estimator registry, whitening), losses.py (the PPO loss), batching.py (epochs, micro-batches).

@@ -85,11 +85,20 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     columns ``start:stop``.
     """
     if window is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = _logits(model, input_ids, attention_mask)
         return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
     return token_logprobs(windowed_logits(model, input_ids, attention_mask, window),
                           input_ids[:, window[0] + 1:window[1] + 1], temperature)
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """(batch, seq - 1) float32 logprobs on the CPU of a batch's response tokens (input_ids,
+    attention_mask, action_mask), computed in its :func:`scored_window` only; zeros elsewhere."""
+    device = next(model.parameters()).device
+    window = scored_window(batch["action_mask"])
+    logprobs = causal_lm_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                  temperature, window=window)
+    return uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])
 
 
 def windowed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -97,11 +106,14 @@ def windowed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Next-token logits at positions ``start..stop - 1`` only: (batch, stop - start, vocab).
     ``input_ids`` may be the full batch or already cropped (:func:`crop_to_window`)."""
     start, stop = window
-    input_ids, attention_mask = input_ids[:, :stop + 1], attention_mask[:, :stop + 1]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=stop + 1 - start).logits
+    logits = _logits(model, input_ids[:, :stop + 1], attention_mask[:, :stop + 1], logits_to_keep=stop + 1 - start)
     return logits[:, :-1]
+
+
+def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The model's logits, with position ids from the attention mask (padding on either side)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs).logits
 
 
 def logprob_diff(engine_logprobs: torch.Tensor, learner_logprobs: torch.Tensor,
