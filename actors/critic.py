@@ -8,16 +8,22 @@ from __future__ import annotations
 import torch
 
 from actors.group import Learner
-from rlhf.algorithms import crop_to_window, mean_stats, scored_window, uncrop, value_loss
+from rlhf.algorithms import SharedPrompts, mean_stats, uncrop, value_loss
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
 
-def next_token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Value of the state before each next token: (batch, seq) -> (batch, seq - 1), aligned with
-    ``causal_lm_logprobs`` (position ``i`` is the state that emits token ``i + 1``)."""
+def next_token_values(model, batch: dict[str, torch.Tensor], window: tuple[int, int],
+                      shared: SharedPrompts | None = None) -> torch.Tensor:
+    """Value of the state before each next token in ``window``: (batch, stop - start), aligned with
+    ``causal_lm_logprobs`` (position ``i`` is the state that emits token ``i + 1``). ``batch`` is cut
+    to the window (``crop_to_window``); ``shared``, the same rows packed by prompt, is read instead."""
     from rlhf.models import token_values
 
-    return token_values(model, input_ids, attention_mask)[:, :-1].float()
+    if shared is not None:
+        mask = shared.mask_for(model, next(model.parameters()).dtype)
+        values = token_values(model, shared.input_ids, mask, position_ids=shared.position_ids)[:, shared.keep]
+        return shared.unpack(values).float()
+    return token_values(model, batch["input_ids"], batch["attention_mask"])[:, window[0]:-1].float()
 
 
 class CriticLearner(Learner):
@@ -28,18 +34,20 @@ class CriticLearner(Learner):
         self.tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
         model = load_scalar_model(model_cfg.model_copy(update={"dtype": "float32"}), path=path, device=self.device.type)
         self._initialize(model, learning_rate=algo.critic_learning_rate, ds=ds, algo=algo, bf16=model_cfg.dtype == "bfloat16")
+        self._use_shared_prompts(algo.share_prompts)
         self.algo, self.seed = algo, seed
 
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(batch, seq - 1) values for this rank's share of a batch (input_ids, attention_mask,
-        action_mask); zeros outside its scored window."""
+        action_mask); zeros outside its response tokens."""
         self.engine.eval()
-        window = scored_window(batch["action_mask"])
-        cropped = crop_to_window(batch, window)  # the model reads nothing past the last response token
-        values = next_token_values(self.engine.module, cropped["input_ids"].to(self.device),
-                                   cropped["attention_mask"].to(self.device))[:, window[0]:]
-        return uncrop(values.cpu(), window, batch["action_mask"].shape[1])
+        # The model reads nothing past the last response token (and each shared prompt once).
+        cropped, window, shared = self._micro_batch(batch, list(range(batch["input_ids"].shape[0])))
+        values = next_token_values(self.engine.module, cropped, window, shared)
+        self._token_stats("critic")  # counted for training only
+        values = uncrop(values.cpu(), window, batch["action_mask"].shape[1])
+        return values.masked_fill(~batch["action_mask"].bool(), 0.0)
 
     def train(self, experience: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
         """Clipped value regression towards ``returns``. Keys: input_ids, attention_mask, action_mask,
@@ -50,12 +58,11 @@ class CriticLearner(Learner):
         stats, skipped = [], 0
         for optimizer_step in schedule:
             for micro in optimizer_step:
-                batch, window = self._micro_batch(experience, micro.indices)
-                values = next_token_values(self.engine.module, batch["input_ids"],
-                                           batch["attention_mask"])[:, window[0]:]
+                batch, window, shared = self._micro_batch(experience, micro.indices)
+                values = next_token_values(self.engine.module, batch, window, shared)
                 loss, micro_stats = value_loss(values, batch["values"], batch["returns"], batch["action_mask"],
                                                algo.value_clip)
                 self.engine.backward(loss)
                 skipped += not self._step()
                 stats.append({"loss/value": float(loss.detach()), **{f"critic/{k}": v for k, v in micro_stats.items()}})
-        return {**mean_stats(stats), "critic/skipped_steps": float(skipped)}
+        return {**mean_stats(stats), "critic/skipped_steps": float(skipped), **self._token_stats("critic")}

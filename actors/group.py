@@ -8,6 +8,7 @@ base of the policy and critic actors: it owns the DeepSpeed engine and the code 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
 
+log = logging.getLogger("rlhf.learner")
 
 class LearnerLostError(RuntimeError):
     """A learner rank died. Its DeepSpeed group cannot go on without it (the other ranks hold only
@@ -87,24 +89,54 @@ class Learner:
 
     def _schedule(self, experience: dict[str, torch.Tensor], iteration: int) -> list:
         """This call's optimiser steps and micro-batches (``ppo_schedule``), shuffled by seed and
-        iteration; micro-batches group sequences of similar length, so each carries little padding."""
-        from rlhf.algorithms import ppo_schedule
+        iteration; micro-batches group sequences of similar length, so each carries little padding.
+        With shared prompts the responses to one prompt stay together, so that it is read once."""
+        from rlhf.algorithms import ppo_schedule, prompt_groups
 
         algo = self.algo
+        groups = prompt_groups(experience["input_ids"], experience["attention_mask"],
+                               experience["action_mask"]) if self.share_prompts else None
         return ppo_schedule(experience["input_ids"].shape[0], algo.micro_batch_size, epochs=algo.epochs,
                             seed=self.seed + iteration, grad_accum=algo.grad_accum,
-                            lengths=experience["attention_mask"].sum(-1).tolist())
+                            lengths=experience["attention_mask"].sum(-1).tolist(), groups=groups)
 
-    def _micro_batch(self, experience: dict[str, torch.Tensor],
-                     indices: list[int]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    def _micro_batch(self, experience: dict[str, torch.Tensor], indices: list[int]):
         """Rows ``indices`` of ``experience`` cut to their scored window (``crop_to_window``: no
-        padding past the last response token) on this rank's device, and that window."""
-        from rlhf.algorithms import crop_to_window, scored_window
+        padding past the last response token) on this rank's device, that window, and the rows
+        packed by prompt (``SharedPrompts``; None without shared prompts or when no two rows share one)."""
+        from rlhf.algorithms import crop_to_window, pack_shared_prompts, scored_window
         from rlhf.algorithms.batching import select
 
         batch = select(experience, indices)
         window = scored_window(batch["action_mask"])
-        return {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}, window
+        shared = None
+        if self.share_prompts:
+            shared = pack_shared_prompts(batch["input_ids"], batch["attention_mask"], batch["action_mask"], window,
+                                         pad_token_id=self.tokenizer.pad_token_id or 0)
+            plain = len(indices) * (window[1] + 1)  # what the plain pass reads, padding included
+            self.tokens_read += plain if shared is None else shared.tokens
+            self.plain_tokens += plain
+            shared = shared.to(self.device) if shared is not None else None
+        cropped = {k: v.to(self.device) for k, v in crop_to_window(batch, window).items()}
+        return cropped, window, shared
+
+    def _use_shared_prompts(self, wanted: bool) -> None:
+        """Share prompts when the config asks and the model's attention takes a custom mask."""
+        from rlhf.algorithms import attention_kernel, can_share_prompts
+
+        module = self.engine.module
+        self.share_prompts = wanted and can_share_prompts(module)
+        if wanted and not self.share_prompts:
+            log.warning("%s: ppo.share_prompts is on but the model's attention (%s) takes no custom mask; "
+                        "scoring every row in full", type(self).__name__, attention_kernel(module))
+        self.tokens_read = self.plain_tokens = 0
+
+    def _token_stats(self, role: str) -> dict[str, float]:
+        """``<role>/tokens_read_fraction``: tokens read with shared prompts over those the plain pass
+        reads (padding included in both), since the last call; absent without sharing."""
+        stats = {f"{role}/tokens_read_fraction": self.tokens_read / self.plain_tokens} if self.plain_tokens else {}
+        self.tokens_read = self.plain_tokens = 0
+        return stats
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0, None elsewhere; every rank must call it (ZeRO-3 gathers)."""

@@ -15,8 +15,8 @@ import torch
 
 from actors.group import Learner
 from rlhf.algorithms import (
-    entropy_from_logits, logprob_diff, mean_stats, ptx_loss, response_logprobs, token_logprobs, total_policy_loss,
-    windowed_logits,
+    entropy_from_logits, logprob_diff, mean_stats, ptx_loss, response_logprobs, shared_prompt_logits, token_logprobs,
+    total_policy_loss, windowed_logits,
 )
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
@@ -37,12 +37,18 @@ class PolicyLearner(Learner):
         if self.lora:
             model = load_lora(model, adapter_path) if adapter_path else attach_lora(model, model_cfg.lora)
         self._initialize(model, learning_rate=algo.policy_learning_rate, ds=ds, algo=algo, bf16=model_cfg.dtype == "bfloat16")
+        self._use_shared_prompts(algo.share_prompts)
         self.algo, self.temperature, self.seed = algo, temperature, seed
 
-    def _forward(self, batch: dict[str, torch.Tensor], window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: dict[str, torch.Tensor], window: tuple[int, int],
+                 shared=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprobs of the tokens in ``window`` and the logits they came from, (batch, window) and
-        (batch, window, vocab); ``batch`` is a micro-batch cut to that window (``crop_to_window``)."""
-        logits = windowed_logits(self.engine, batch["input_ids"], batch["attention_mask"], window)
+        (batch, window, vocab); ``batch`` is a micro-batch cut to that window (``crop_to_window``),
+        ``shared`` the same rows packed by prompt (then each prompt is read once)."""
+        if shared is not None:
+            logits = shared_prompt_logits(self.engine, shared)
+        else:
+            logits = windowed_logits(self.engine, batch["input_ids"], batch["attention_mask"], window)
         tokens = batch["input_ids"][:, window[0] + 1:window[1] + 1]
         return token_logprobs(logits, tokens, self.temperature), logits
 
@@ -56,7 +62,7 @@ class PolicyLearner(Learner):
         module = self.engine.module
         self.engine.eval()
         with module.disable_adapter():
-            return response_logprobs(module, batch, temperature)
+            return response_logprobs(module, batch, temperature, share_prompts=self.share_prompts)
 
     def _ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The LM loss on one PTX micro-batch (input_ids, attention_mask, labels (batch, seq)), at
@@ -82,8 +88,8 @@ class PolicyLearner(Learner):
         micro_index = skipped = 0
         for step_index, optimizer_step in enumerate(schedule):
             for micro in optimizer_step:
-                batch, window = self._micro_batch(experience, micro.indices)  # logits only where responses are
-                logprobs, logits = self._forward(batch, window)
+                batch, window, shared = self._micro_batch(experience, micro.indices)  # logits only where responses are
+                logprobs, logits = self._forward(batch, window, shared)
                 mask = batch["action_mask"]
                 if algo.entropy_coef > 0:
                     entropy = entropy_from_logits(logits)
@@ -112,6 +118,7 @@ class PolicyLearner(Learner):
         result = mean_stats(stats)
         result["rollout/logprob_diff"] = sum(diffs) / len(diffs)
         result["policy/skipped_steps"] = float(skipped)  # optimiser steps dropped for non-finite gradients
+        result.update(self._token_stats("policy"))
         return result
 
     # Weight sync to the rollout engines --------------------------------------------------------

@@ -25,9 +25,10 @@ class ReferenceModel:
         return os.getpid()
 
     @torch.no_grad()
-    def logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    def logprobs(self, batch: dict[str, torch.Tensor], temperature: float, share_prompts: bool = False) -> torch.Tensor:
         """(batch, seq - 1) logprobs of the response tokens of ``batch`` (input_ids, attention_mask,
-        action_mask) at the policy's sampling temperature; zeros outside its scored window."""
+        action_mask) at the policy's sampling temperature; zeros outside its scored window. With
+        ``share_prompts`` each prompt is read once for all its responses."""
         from rlhf.algorithms import response_logprobs
 
-        return response_logprobs(self.model, batch, temperature)
+        return response_logprobs(self.model, batch, temperature, share_prompts=share_prompts)

@@ -384,6 +384,11 @@ class PPOAlgoConfig(Section):
     policy_learning_rate: float = Field(1e-6, gt=0)
     critic_learning_rate: float = Field(5e-6, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    share_prompts: bool = Field(
+        True, description="policy, critic and reference read each prompt once for all its responses (one packed "
+        "row per prompt with a block mask; same numbers, fewer tokens: rlhf/algorithms/shared_prompts.py); "
+        "micro-batches then keep the responses to one prompt together",
+    )
 
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]

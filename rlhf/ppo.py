@@ -335,7 +335,7 @@ class PPOTrainer:
 
         def reference_logprobs():
             if self.reference is not None:
-                return [self.reference.logprobs.remote(rollout, temperature)]
+                return [self.reference.logprobs.remote(rollout, temperature, algo.share_prompts)]
             return self.policy.call_sharded("reference_logprobs", shard(rollout, len(self.policy.actors)), temperature)
 
         def critic_values():

@@ -4,12 +4,16 @@ Tensors are ``(batch, seq)`` with an ``action_mask`` marking the response tokens
 """
 
 from rlhf.algorithms.logprobs import (
-    causal_lm_logprobs, crop_to_window, logprob_diff, response_logprobs, scored_window, token_logprobs, uncrop,
-    windowed_logits,
+    causal_lm_logprobs, crop_to_window, logprob_diff, response_logprobs, scored_window, shared_prompt_logits,
+    token_logprobs, uncrop, windowed_logits,
+)
+from rlhf.algorithms.shared_prompts import (
+    SharedPrompts, attention_kernel, can_share_prompts, pack_shared_prompts, prompt_groups,
 )
 
 __all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "response_logprobs", "scored_window",
-           "token_logprobs", "uncrop", "windowed_logits"]
+           "shared_prompt_logits", "token_logprobs", "uncrop", "windowed_logits",
+           "SharedPrompts", "attention_kernel", "can_share_prompts", "pack_shared_prompts", "prompt_groups"]
 
 # PPO with a KL penalty: kl.py (KL estimators, controllers), rewards.py (scores -> token rewards),
 # advantages.py (estimator registry, whitening), losses.py (the PPO loss), batching.py (epochs, micro-batches).

@@ -64,7 +64,8 @@ class MicroBatch:
 
 
 def ppo_schedule(n_items: int, micro_batch_size: int, *, epochs: int, seed: int,
-                 grad_accum: int = 1, lengths: Sequence[int] | None = None) -> list[list[MicroBatch]]:
+                 grad_accum: int = 1, lengths: Sequence[int] | None = None,
+                 groups: Sequence[int] | None = None) -> list[list[MicroBatch]]:
     """Optimiser steps, each a list of up to ``grad_accum`` micro-batches (see the module docstring).
 
     The micro-batches are those of :func:`micro_batches` with the same arguments, in the same order.
@@ -74,18 +75,39 @@ def ppo_schedule(n_items: int, micro_batch_size: int, *, epochs: int, seed: int,
     are regrouped by length before they are cut into micro-batches: every step still trains on the
     same items with the same weights, but a micro-batch holds sequences of similar length, so it
     carries less padding (the learners crop it to its own scored window).
+
+    With ``groups`` (one id per item, e.g. the prompt it answers) each epoch shuffles whole groups:
+    a group's items follow one another in their own order, so they share steps and micro-batches
+    (a group larger than a micro-batch spans consecutive ones). Each step's groups are then ordered
+    by their longest item when ``lengths`` is given. The steps differ from the ungrouped schedule's.
     """
     if grad_accum <= 0:
         raise ValueError(f"grad_accum must be > 0, got {grad_accum}")
     if lengths is not None and len(lengths) != n_items:
         raise ValueError(f"lengths has {len(lengths)} entries for {n_items} items")
+    if groups is not None and len(groups) != n_items:
+        raise ValueError(f"groups has {len(groups)} entries for {n_items} items")
+    if groups is None:
+        orders = _epoch_orders(n_items, epochs, seed)
+    else:
+        members: dict[int, list[int]] = {}
+        for item, group in enumerate(groups):
+            members.setdefault(group, []).append(item)
+        keys = list(members)
+        orders = [[item for g in group_order for item in members[keys[g]]]
+                  for group_order in _epoch_orders(len(keys), epochs, seed)]
     steps: list[list[MicroBatch]] = []
     per_step = micro_batch_size * grad_accum
-    for epoch, order in enumerate(_epoch_orders(n_items, epochs, seed)):
+    for epoch, order in enumerate(orders):
         for start in range(0, len(order), per_step):
             items = order[start:start + per_step]
-            if lengths is not None:
+            if lengths is not None and groups is None:
                 items = sorted(items, key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+            elif lengths is not None:
+                longest: dict[int, int] = {}
+                for i in items:
+                    longest[groups[i]] = max(longest.get(groups[i], 0), lengths[i])
+                items = sorted(items, key=lambda i: longest[groups[i]])  # stable: groups stay whole
             chunks = _chunks(items, micro_batch_size)
             steps.append([MicroBatch(epoch, chunk, len(chunk) / len(items)) for chunk in chunks])
     return steps

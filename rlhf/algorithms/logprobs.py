@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.algorithms.shared_prompts import SharedPrompts, can_share_prompts, pack_shared_prompts
+
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                    *, chunk_rows: int = 1) -> torch.Tensor:
@@ -91,14 +93,37 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                           input_ids[:, window[0] + 1:window[1] + 1], temperature)
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, *,
+                      share_prompts: bool = False) -> torch.Tensor:
     """(batch, seq - 1) float32 logprobs on the CPU of a batch's response tokens (input_ids,
-    attention_mask, action_mask), computed in its :func:`scored_window` only; zeros elsewhere."""
+    attention_mask, action_mask), computed in its :func:`scored_window` only; zeros elsewhere (at
+    every position outside ``action_mask``).
+    ``share_prompts``: rows with the same prompt read it once (:mod:`rlhf.algorithms.shared_prompts`),
+    when the model's attention allows it."""
     device = next(model.parameters()).device
     window = scored_window(batch["action_mask"])
-    logprobs = causal_lm_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                  temperature, window=window)
-    return uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])
+    shared = None
+    if share_prompts and can_share_prompts(model):
+        shared = pack_shared_prompts(batch["input_ids"], batch["attention_mask"], batch["action_mask"], window)
+    if shared is None:
+        logprobs = causal_lm_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      temperature, window=window)
+    else:
+        tokens = batch["input_ids"][:, window[0] + 1:window[1] + 1].to(device)
+        logprobs = token_logprobs(shared_prompt_logits(model, shared.to(device)), tokens, temperature)
+    logprobs = uncrop(logprobs.float().cpu(), window, batch["action_mask"].shape[1])
+    return logprobs.masked_fill(~batch["action_mask"].bool(), 0.0)
+
+
+def shared_prompt_logits(model, shared: SharedPrompts) -> torch.Tensor:
+    """Next-token logits of a batch packed by prompt (:func:`pack_shared_prompts`), in the batch's
+    layout: (batch, window, vocab), the numbers :func:`windowed_logits` gives. ``model`` may be a
+    DeepSpeed engine."""
+    module = getattr(model, "module", model)
+    mask = shared.mask_for(module, next(module.parameters()).dtype)
+    logits = model(input_ids=shared.input_ids, attention_mask=mask, position_ids=shared.position_ids,
+                   logits_to_keep=shared.keep).logits
+    return shared.unpack(logits)
 
 
 def windowed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -106,7 +131,12 @@ def windowed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Next-token logits at positions ``start..stop - 1`` only: (batch, stop - start, vocab).
     ``input_ids`` may be the full batch or already cropped (:func:`crop_to_window`)."""
     start, stop = window
-    logits = _logits(model, input_ids[:, :stop + 1], attention_mask[:, :stop + 1], logits_to_keep=stop + 1 - start)
+    # Positions as an index tensor, not a count: Hugging Face then gathers the hidden states into a
+    # contiguous tensor. A count slices a strided view, and with frozen weights (the reference) torch's
+    # matmul turns that into a batched product over a copy of the output embedding per row: the bf16
+    # reference forward took twice as long.
+    keep = torch.arange(start, stop + 1, device=input_ids.device)
+    logits = _logits(model, input_ids[:, :stop + 1], attention_mask[:, :stop + 1], logits_to_keep=keep)
     return logits[:, :-1]
 
 

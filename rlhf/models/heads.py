@@ -38,10 +38,12 @@ def load_scalar_model(cfg: ModelConfig, *, path: str | None = None, device: str 
     return model.to(pick_device(device or cfg.device))
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Head output at every position. (batch, seq) -> (batch, seq)."""
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Head output at every position. (batch, seq) -> (batch, seq). ``attention_mask`` may also be a
+    prepared 4D mask (shared prompts), with its ``position_ids``."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return model.score(hidden).squeeze(-1)
 
 
