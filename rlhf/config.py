@@ -384,6 +384,11 @@ class PPOAlgoConfig(Section):
     policy_learning_rate: float = Field(1e-6, gt=0)
     critic_learning_rate: float = Field(5e-6, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    learner_attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernel the policy and critic train with. auto: eager on the CPU (the fused "
+        "CPU kernel's backward was 2-3x slower inside the PPO actors), the model's own (sdpa) on GPUs. eager "
+        "keeps (heads x length x length) scores per layer for the backward: choose sdpa for long sequences",
+    )
     share_prompts: bool = Field(
         True, description="policy, critic and reference read each prompt once for all its responses (one packed "
         "row per prompt with a block mask; same numbers, fewer tokens: rlhf/algorithms/shared_prompts.py); "
