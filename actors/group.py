@@ -78,11 +78,11 @@ class Learner:
         """DeepSpeed engine with an AdamW of ``learning_rate``; batch shape and clipping from ``algo``."""
         import deepspeed
 
-        from rlhf.training import deepspeed_config
+        from rlhf.training import adamw, deepspeed_config
 
         self._choose_attention(model, algo.learner_attention)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer = adamw(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0, device=self.device)
         config = deepspeed_config(ds, micro_batch_size=algo.micro_batch_size, grad_accum=algo.grad_accum,
                                   max_grad_norm=algo.max_grad_norm, world=self.world_size, bf16=bf16)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -98,7 +98,7 @@ class Learner:
 
         wanted = ("eager" if self.device.type == "cpu" else None) if choice == "auto" else choice
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's own
-        if wanted is not None and attention_kernel(base) != wanted:
+        if wanted is not None and attention_kernel(base) not in (None, wanted):  # None: not a transformers model
             base.set_attn_implementation(wanted)
 
     def _schedule(self, experience: dict[str, torch.Tensor], iteration: int) -> list:

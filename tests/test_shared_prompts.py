@@ -176,3 +176,26 @@ def test_ppo_schedule_with_groups_keeps_each_group_together():
     assert longest == sorted(longest)
     with pytest.raises(ValueError, match="groups has 3 entries for 24 items"):
         ppo_schedule(24, 8, epochs=1, seed=0, groups=[0, 0, 1])
+
+
+@pytest.mark.parametrize("choice, expected", [("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")])
+def test_learners_on_the_cpu_train_with_eager_attention_unless_told(tiny_model_dir, choice, expected):
+    from actors.policy import PolicyLearner
+    from rlhf.algorithms import attention_kernel
+    from rlhf.config import LoraConfig
+    from rlhf.models import attach_lora
+
+    for lora in (False, True):
+        model = load_tiny(tiny_model_dir)
+        if lora:
+            model = attach_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        learner = PolicyLearner()
+        learner.device = torch.device("cpu")
+        learner._choose_attention(model, choice)
+        base = model.get_base_model() if lora else model
+        assert attention_kernel(base) == expected
+        # The shared-prompt path still gives the plain numbers under the chosen kernel.
+        batch = random_batch(seed=7)
+        with torch.no_grad():
+            torch.testing.assert_close(response_logprobs(model, batch, 1.0, share_prompts=True),
+                                       response_logprobs(model, batch, 1.0), atol=1e-5, rtol=1e-5)
