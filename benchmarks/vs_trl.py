@@ -64,6 +64,7 @@ TRL_VERSION = "0.29.1"
 DEFAULT_REWARD = f"{REPO / 'tests' / 'data' / 'rule_reward.py'}:letter_e"
 CLIP_RATIO = 0.2
 TARGETS = {"step_time_ours_over_trl_at_most": 0.5, "reward_ours_minus_trl_at_least": 0.0}
+PHASES = ("generation", "make_experience", "train", "weight_sync")  # our step's parts (timing/<phase>)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +170,8 @@ def run_ours(spec: dict, algo: str) -> dict:
                 rollouts = spec["prompts"] * spec["samples"]
                 steps.append({"seconds": metrics["timing/step"], "end_s": time.perf_counter() - train_start,
                               "tokens": round(metrics["response/length"] * rollouts),
-                              "reward": metrics["reward/mean"]})
+                              "reward": metrics["reward/mean"],
+                              "phases": {phase: metrics[f"timing/{phase}"] for phase in PHASES}})
                 print(f"vs_trl step {len(steps)}: {steps[-1]}", flush=True)
             final = trainer.save_checkpoint(Path(tmp) / "final")
         finally:
@@ -393,7 +395,8 @@ def summarise(result: dict) -> dict:
         "startup_s": result["startup_s"], "wall_s": result["wall_s"], "steps_measured": len(measured),
         "curve": [{"end_s": s["end_s"], "reward": s["reward"], "seconds": s["seconds"], "tokens": s["tokens"]}
                   for s in steps],
-    }
+    } | ({"phases_median_s": {p: statistics.median(s["phases"][p] for s in measured) for p in PHASES}}
+         if all("phases" in s for s in measured) else {})
 
 
 def ratios(results: dict) -> dict:
@@ -405,6 +408,8 @@ def ratios(results: dict) -> dict:
         ratio = {
             "step_time_ours_over_trl": ours["seconds_per_step"] / trl["seconds_per_step"],
             "reward_ours_minus_trl": ours["reward_after"] - trl["reward_after"],
+            # Half-width of the difference's 95% interval, from the two means' (taken as independent).
+            "reward_ours_minus_trl_ci95": (ours["reward_after_ci95"] ** 2 + trl["reward_after_ci95"] ** 2) ** 0.5,
             "tokens_per_s_ours_over_trl": ours["tokens_per_s"] / trl["tokens_per_s"],
             "peak_pss_ours_over_trl": ours["peak_pss_gib"] / trl["peak_pss_gib"],
         }
@@ -439,9 +444,14 @@ def print_table(payload: dict) -> None:
             table.add_row(algo, "ours/trl", f"{ratio['step_time_ours_over_trl']:.2f}x"
                           + (" ok" if ratio["step_time_target_met"] else " MISS"),
                           f"{ratio['tokens_per_s_ours_over_trl']:.2f}x", "", f"{ratio['peak_pss_ours_over_trl']:.2f}x",
-                          "", "", f"{ratio['reward_ours_minus_trl']:+.3f}" + (" ok" if ratio["reward_target_met"] else " MISS"),
+                          "", "", f"{ratio['reward_ours_minus_trl']:+.3f} ± {ratio.get('reward_ours_minus_trl_ci95', 0):.3f}"
+                          + (" ok" if ratio["reward_target_met"] else " MISS"),
                           "", end_section=True)
     Console(width=200).print(table)
+    for algo in ALGORITHMS:
+        phases = payload["results"].get("ours", {}).get(algo, {}).get("phases_median_s")
+        if phases:
+            print(f"ours {algo}, median seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     print(f"targets: s/step ours/trl <= {TARGETS['step_time_ours_over_trl_at_most']}, "
           f"reward after N ours - trl >= {TARGETS['reward_ours_minus_trl_at_least']}")
 

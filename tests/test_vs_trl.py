@@ -44,6 +44,7 @@ def test_ratios_and_targets(vs_trl):
     result = vs_trl.ratios({"ours": {"ppo": ours, "grpo": slow}, "trl": {"ppo": trl, "grpo": trl}})
     assert result["ppo"]["step_time_ours_over_trl"] == pytest.approx(0.4)
     assert result["ppo"]["reward_ours_minus_trl"] == pytest.approx(0.05)
+    assert result["ppo"]["reward_ours_minus_trl_ci95"] == pytest.approx(0.01 * 2 ** 0.5)
     assert result["ppo"]["tokens_per_s_ours_over_trl"] == pytest.approx(2.5)
     assert result["ppo"]["peak_pss_ours_over_trl"] == pytest.approx(3.0)
     assert result["ppo"]["step_time_target_met"] and result["ppo"]["reward_target_met"]
