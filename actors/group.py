@@ -19,6 +19,7 @@ from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
 
 log = logging.getLogger("rlhf.learner")
 
+
 class LearnerLostError(RuntimeError):
     """A learner rank died. Its DeepSpeed group cannot go on without it (the other ranks hold only
     their share of the work, and a rank cannot rejoin a running group), so the run stops; the message
@@ -114,7 +115,7 @@ class Learner:
                             seed=self.seed + iteration, grad_accum=algo.grad_accum,
                             lengths=experience["attention_mask"].sum(-1).tolist(), groups=groups)
 
-    def _micro_batch(self, experience: dict[str, torch.Tensor], indices: list[int]):
+    def _micro_batch(self, experience: dict[str, torch.Tensor], indices: list[int]) -> tuple:
         """Rows ``indices`` of ``experience`` cut to their scored window (``crop_to_window``: no
         padding past the last response token) on this rank's device, that window, and the rows
         packed by prompt (``SharedPrompts``; None without shared prompts or when no two rows share one)."""

@@ -27,7 +27,7 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor], temperature: float, share_prompts: bool = False) -> torch.Tensor:
         """(batch, seq - 1) logprobs of the response tokens of ``batch`` (input_ids, attention_mask,
-        action_mask) at the policy's sampling temperature; zeros outside its scored window. With
+        action_mask) at the policy's sampling temperature; zeros outside its response tokens. With
         ``share_prompts`` each prompt is read once for all its responses."""
         from rlhf.algorithms import response_logprobs
 
