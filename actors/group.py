@@ -87,6 +87,10 @@ class Learner:
         config = deepspeed_config(ds, micro_batch_size=algo.micro_batch_size, grad_accum=algo.grad_accum,
                                   max_grad_norm=algo.max_grad_norm, world=self.world_size, bf16=bf16)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if self.world_size == 1 and ds.zero_stage == 0:
+            # Nothing to average across ranks; DeepSpeed would still flatten, "reduce" and copy back every
+            # gradient at each optimiser step (0.13 s of a default-model step on 2 cores).
+            self.engine.enable_backward_allreduce = False
         self.zero_stage = ds.zero_stage
 
     def _choose_attention(self, model: torch.nn.Module, choice: str) -> None:
@@ -176,7 +180,10 @@ class Learner:
 
         boundary = self.engine.is_gradient_accumulation_boundary()
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        if boundary and self.zero_stage == 0 and not all(torch.isfinite(p.grad).all() for p in params):
+        # The gradients' total norm is finite exactly when they all are (or they overflow it, which
+        # is as bad): one fused pass, where a check per tensor took 0.3 s of a default-model step.
+        if boundary and self.zero_stage == 0 and params and not torch.isfinite(
+                torch.nn.utils.get_total_norm([p.grad for p in params])):
             weights = [p.detach().clone() for p in params]
             optimizer_state = copy.deepcopy(self.engine.optimizer.state_dict())
             for p in params:

@@ -18,6 +18,22 @@ def test_token_logprobs_is_log_softmax_at_tokens():
     torch.testing.assert_close(token_logprobs(logits, tokens, chunk_rows=2), expected)
 
 
+def test_token_logprobs_gradient_is_the_same_in_chunks():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (3, 5))
+    grads = []
+    for chunk_rows in (1, 2, 3):
+        logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (token_logprobs(logits, tokens, chunk_rows=chunk_rows) * torch.arange(15.0).view(3, 5)).sum().backward()
+        grads.append(logits.grad)
+    expected = torch.func.grad(lambda x: (torch.log_softmax(x, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+                                          * torch.arange(15.0).view(3, 5)).sum())(
+        torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1)))
+    for grad in grads:
+        torch.testing.assert_close(grad, expected)
+    assert token_logprobs(torch.randn(0, 5, 11), torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5)
+
+
 def test_token_logprobs_temperature():
     torch.manual_seed(1)
     logits = torch.randn(2, 4, 7)

@@ -171,6 +171,7 @@ assert step(1.0) is True
 before = [p.detach().clone() for p in model.parameters()]
 state = {k: v.clone() for k, v in learner.engine.optimizer.state[model.weight].items()}
 assert step(math.nan) is False
+assert step(math.inf) is False
 assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 after = learner.engine.optimizer.state[model.weight]
 assert all(torch.equal(state[k], after[k]) for k in state)  # Adam moments untouched too

@@ -20,21 +20,24 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     logits (batch, seq, vocab), tokens (batch, seq) -> (batch, seq), in float32 (or float64 when the
     logits are). ``temperature`` 0 (greedy) is treated as 1: greedy engines report unscaled logprobs.
     Rows are processed ``chunk_rows`` at a time so a large vocabulary never needs a second
-    (batch, seq, vocab) tensor.
+    (batch, seq, vocab) tensor. They are cut with ``torch.split``, whose backward joins the chunks'
+    gradients once; indexing each chunk out instead gave every chunk a zero-filled gradient of the
+    whole batch, summed row by row (a third of a default-model micro-batch's backward).
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not match")
     scale = 1.0 if temperature in (0, 1) else 1.0 / temperature
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    out = torch.empty(tokens.shape, dtype=dtype, device=logits.device)
-    for start in range(0, logits.shape[0], max(1, chunk_rows)):
-        rows = slice(start, start + max(1, chunk_rows))
-        chunk = logits[rows].to(dtype)
+    rows = max(1, chunk_rows)
+    picked = []
+    for chunk, chunk_tokens in zip(torch.split(logits, rows), torch.split(tokens, rows)):
+        chunk = chunk.to(dtype)
         if scale != 1.0:
             chunk = chunk * scale
-        picked = chunk.gather(-1, tokens[rows].long().unsqueeze(-1)).squeeze(-1)
-        out[rows] = picked - torch.logsumexp(chunk, dim=-1)
-    return out
+        picked.append(chunk.gather(-1, chunk_tokens.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+    if not picked:  # an empty batch
+        return torch.empty(tokens.shape, dtype=dtype, device=logits.device)
+    return torch.cat(picked)
 
 
 def scored_window(action_mask: torch.Tensor) -> tuple[int, int]:
