@@ -77,20 +77,14 @@ class Learner:
     def _initialize(self, model: torch.nn.Module, *, learning_rate: float, ds: DeepSpeedConfig,
                     algo: PPOAlgoConfig, bf16: bool) -> None:
         """DeepSpeed engine with an AdamW of ``learning_rate``; batch shape and clipping from ``algo``."""
-        import deepspeed
-
-        from rlhf.training import adamw, deepspeed_config
+        from rlhf.training import adamw, deepspeed_config, deepspeed_engine
 
         self._choose_attention(model, algo.learner_attention)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0, device=self.device)
         config = deepspeed_config(ds, micro_batch_size=algo.micro_batch_size, grad_accum=algo.grad_accum,
                                   max_grad_norm=algo.max_grad_norm, world=self.world_size, bf16=bf16)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        if self.world_size == 1 and ds.zero_stage == 0:
-            # Nothing to average across ranks; DeepSpeed would still flatten, "reduce" and copy back every
-            # gradient at each optimiser step (0.13 s of a default-model step on 2 cores).
-            self.engine.enable_backward_allreduce = False
+        self.engine = deepspeed_engine(model, optimizer, config)
         self.zero_stage = ds.zero_stage
 
     def _choose_attention(self, model: torch.nn.Module, choice: str) -> None:
@@ -182,7 +176,7 @@ class Learner:
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         # The gradients' total norm is finite exactly when they all are (or they overflow it, which
         # is as bad): one fused pass, where a check per tensor took 0.3 s of a default-model step.
-        if boundary and self.zero_stage == 0 and params and not torch.isfinite(
+        if boundary and self.zero_stage == 0 and not torch.isfinite(
                 torch.nn.utils.get_total_norm([p.grad for p in params])):
             weights = [p.detach().clone() for p in params]
             optimizer_state = copy.deepcopy(self.engine.optimizer.state_dict())

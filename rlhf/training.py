@@ -134,6 +134,18 @@ def adamw(params: list, *, lr: float, betas: tuple[float, float], weight_decay: 
                              fused=True if device.type == "cpu" else None)
 
 
+def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, lr_scheduler=None):
+    """``deepspeed.initialize``'s engine, for the Ray Train stages and the PPO learners. A lone ZeRO-0
+    rank has nothing to average, yet DeepSpeed would still flatten, "reduce" and copy back every
+    gradient at each optimiser step (0.13 s of a default-model step on 2 cores): it skips that."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
+    if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
+    return engine
+
+
 def plan_steps(n_items: int, optim: OptimConfig, world: int) -> tuple[int, int]:
     """(steps per epoch, total steps); an error when the data cannot fill one global batch."""
     global_batch = optim.batch_size * optim.grad_accum * world
@@ -312,10 +324,8 @@ def train_loop(job: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, optim.scheduler)
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
+    engine = deepspeed_engine(
+        model, optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg.deepspeed, micro_batch_size=optim.batch_size, grad_accum=optim.grad_accum,
                                 max_grad_norm=optim.max_grad_norm, world=ctx.world,
                                 bf16=cfg.model.dtype == "bfloat16"),

@@ -162,6 +162,7 @@ model = torch.nn.Linear(4, 1)
 learner._initialize(model, learning_rate=0.1, ds=DeepSpeedConfig(zero_stage=0),
                     algo=PPOAlgoConfig(micro_batch_size=2), bf16=False)
 x = torch.ones(2, 4)
+assert learner.engine.enable_backward_allreduce is False  # one ZeRO-0 rank: nothing to all-reduce
 
 def step(scale):
     learner.engine.backward(learner.engine(x).sum() * scale)
