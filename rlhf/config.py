@@ -50,11 +50,31 @@ class ModelConfig(Section):
         description="local Hugging Face folder, a hub id, 'default' (SmolLM2-135M-Instruct, "
         "provisioned by `rlhf models pull default`) or 'tiny' (a tiny random Llama for tests)",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="auto: bfloat16 where the machine that loads the config computes it natively (a "
+        "bf16-capable CUDA GPU, or a CPU with AVX512-BF16 or AMX), else float32; resolved when the config is loaded"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (off: safer)")
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_auto_dtype(cls, value: str) -> str:
+        return native_dtype() if value == "auto" else value
+
+
+def native_dtype() -> str:
+    """bfloat16 when this machine computes it natively (the learners run about twice as fast as in
+    float32 on a CPU with AVX512-BF16), else float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    cpu = torch.cpu
+    native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if native else "float32"
 
 
 class DataConfig(Section):
@@ -264,6 +284,10 @@ class RMConfig(StageConfig):
     save_adapter_only: bool = False
     margin: float = Field(0.0, ge=0, description="loss = -log sigmoid(r_chosen - r_rejected - margin)")
     normalize: bool = Field(True, description="store mean/std of train-set scores for PPO to normalise")
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="learning rate of the scalar (score) head; default optim.learning_rate. A new head "
+        "on a pretrained backbone learns far faster at a higher rate (1e-3) than the backbone's"
+    )
 
 
 class JudgeConfig(Section):

@@ -1,7 +1,15 @@
 """Programmatic judges: score (prompt, response) pairs without a trained reward model.
 
-The default judge rewards friendly, positive, on-topic replies: the vaderSentiment compound score
-(-1..1) plus half the fraction of the prompt's content words that the reply mentions.
+The default judge scores the shipped dataset's own task, friendly replies that finish in one to three
+sentences (rlhf/data/default/README.md):
+
+    score = sentiment                 vaderSentiment compound score, -1..1
+          + 0.5 * topic               fraction of the prompt's content words the reply mentions, 0..1
+          + 0.5 * finished            the reply ends a sentence (., ! or ?), not cut off mid-way
+          + 0.5 * concise             one to three sentences and at least MIN_WORDS words
+
+Sentiment alone is gameable ("Great! Love! Wonderful! piano forty" outscores a natural answer); the
+form terms make a complete, short, natural reply the best one.
 """
 
 from __future__ import annotations
@@ -25,7 +33,13 @@ _STOPWORDS = frozenset(
     "will with would you your about any just please tell give write help".split()
 )
 TOPIC_WEIGHT = 0.5
+FINISHED_WEIGHT = 0.5
+CONCISE_WEIGHT = 0.5
+MAX_SENTENCES = 3
+MIN_WORDS = 8
 EMPTY_SCORE = -1.0
+_FINISHED = re.compile(r"[.!?][\"')\]]*$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
 
 def _content_words(text: str) -> set[str]:
@@ -40,8 +54,25 @@ def topic_overlap(prompt: str, response: str) -> float:
     return len(wanted & _content_words(response)) / len(wanted)
 
 
+def finished(response: str) -> bool:
+    """Whether the reply ends a sentence (., ! or ?, maybe followed by a closing quote or bracket)."""
+    return bool(_FINISHED.search(response.strip()))
+
+
+def sentence_count(response: str) -> int:
+    """Sentences in the reply: pieces holding a letter, split after ., ! or ? and white space (a
+    trailing unfinished piece counts as one)."""
+    return sum(1 for piece in _SENTENCE_END.split(response.strip()) if re.search(r"[A-Za-z]", piece))
+
+
+def concise(response: str) -> bool:
+    """One to MAX_SENTENCES sentences and at least MIN_WORDS words."""
+    return 1 <= sentence_count(response) <= MAX_SENTENCES and len(response.split()) >= MIN_WORDS
+
+
 class DefaultJudge:
-    """Friendly, positive, on-topic. Callable as ``judge(prompts, responses) -> scores``."""
+    """Friendly replies that finish in one to three sentences (the module docstring has the formula).
+    Callable as ``judge(prompts, responses) -> scores``."""
 
     def __init__(self) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -57,7 +88,8 @@ class DefaultJudge:
                 scores.append(EMPTY_SCORE)
                 continue
             sentiment = self._vader.polarity_scores(response)["compound"]
-            scores.append(sentiment + TOPIC_WEIGHT * topic_overlap(prompt, response))
+            scores.append(sentiment + TOPIC_WEIGHT * topic_overlap(prompt, response)
+                          + FINISHED_WEIGHT * finished(response) + CONCISE_WEIGHT * concise(response))
         return scores
 
 

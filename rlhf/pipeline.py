@@ -96,6 +96,10 @@ def stage_configs(cfg: RunConfig) -> dict:
     common = {"seed": cfg.seed, "ray": cfg.ray}
     sft_final, rm_final = str(out / "sft" / "final"), str(out / "rm" / "final")
     model = cfg.model
+    # PPO is rewarded by the reward model trained here, unless the user named a reward of their own
+    # (ppo.reward.path, function or url); rm still trains then, for the eval's reward-model accuracy.
+    own_reward = cfg.ppo.reward.path or cfg.ppo.reward.function or cfg.ppo.reward.url
+    ppo_reward = cfg.ppo.reward if own_reward else cfg.ppo.reward.model_copy(update={"path": rm_final})
     rm_data = cfg.rm.data.model_copy(update={"train_path": str(out / "pairs" / "pairs.jsonl")})
     return {
         "sft": cfg.sft.model_copy(update={**common, "output_dir": str(out / "sft"), "model": model}),
@@ -108,7 +112,7 @@ def stage_configs(cfg: RunConfig) -> dict:
         }),
         "ppo": cfg.ppo.model_copy(update={
             **common, "output_dir": str(out / "ppo"), "model": model.model_copy(update={"path": sft_final}),
-            "reward": cfg.ppo.reward.model_copy(update={"path": rm_final, "function": None, "url": None}),
+            "reward": ppo_reward,
         }),
         "eval": cfg.eval.model_copy(update={
             **common, "output_dir": str(out / "eval"),

@@ -33,9 +33,10 @@ class RewardTask:
     name = "rm"
     peft_task_type = "SEQ_CLS"
 
-    def __init__(self, margin: float = 0.0, normalize: bool = True) -> None:
+    def __init__(self, margin: float = 0.0, normalize: bool = True, head_learning_rate: float | None = None) -> None:
         self.margin = margin
         self.normalize = normalize
+        self.head_learning_rate = head_learning_rate  # the score head's own rate (training.parameter_groups)
 
     def build_model(self, cfg: ModelConfig, path: str):
         from rlhf.models import load_scalar_model
@@ -111,5 +112,5 @@ def run(cfg: RMConfig) -> Path:
     train_items, eval_items = load_preference_data(cfg.data, tokenizer, seed=cfg.seed, phase=1)
     log.info("rm: %d training and %d held-out pairs", len(train_items), len(eval_items))
     save_config(cfg, cfg.output_dir)
-    return fit(RewardTask(cfg.margin, cfg.normalize), cfg, model_path=model_path, train_items=train_items,
+    return fit(RewardTask(cfg.margin, cfg.normalize, cfg.head_learning_rate), cfg, model_path=model_path, train_items=train_items,
                eval_items=eval_items, pad_id=tokenizer.pad_token_id)

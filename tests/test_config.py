@@ -151,3 +151,17 @@ def test_quick_preset_is_valid_without_a_config_file():
 
     cfg = load_config("run", None, QUICK_OVERRIDES)
     assert cfg.model.path == "tiny" and cfg.pairs.rollout.sampling.n >= 2
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                        (False, False, "float32")])
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    import torch
+
+    from rlhf.config import ModelConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert ModelConfig(dtype="auto").dtype == expected
+    assert ModelConfig(dtype="float32").dtype == "float32"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.judge import EMPTY_SCORE, DefaultJudge, load_function, topic_overlap
+from rlhf.judge import EMPTY_SCORE, DefaultJudge, concise, finished, load_function, sentence_count, topic_overlap
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,29 @@ def test_load_user_function(tmp_path):
         load_function(f"{tmp_path}/nope.py:score")
     with pytest.raises(ValueError, match="FILE.py:NAME"):
         load_function("no_colon")
+
+
+def test_a_natural_complete_reply_beats_a_string_of_positive_words(judge):
+    prompt = "How do I care for a basil plant?"
+    natural, gamed = judge([prompt, prompt], [
+        "Basil loves a sunny window and gentle watering. Pinch off the flowers and it will keep growing!",
+        "Great! Love! Wonderful! Amazing! Happy! piano forty late learn",
+    ])
+    assert natural > gamed + 0.5
+
+
+def test_a_finished_reply_beats_the_same_reply_cut_off(judge):
+    prompt = "Any tips for a first marathon?"
+    whole = "Start slowly and drink water at every station. You will do wonderfully on the day!"
+    cut = "Start slowly and drink water at every station. You will do wonderfully on"
+    assert finished(whole) and not finished(cut)
+    done, truncated = judge([prompt, prompt], [whole, cut])
+    assert done > truncated + 0.4
+
+
+def test_concise_means_one_to_three_sentences_of_some_substance():
+    assert sentence_count("One. Two! Three? Four.") == 4
+    assert sentence_count('She said "hi." Then she smiled') == 2
+    assert concise("A short friendly answer with enough words in it.")
+    assert not concise("Too short.")
+    assert not concise("One sentence here is fine. Two is fine too. Three as well, yes. Four is too many now.")

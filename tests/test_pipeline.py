@@ -27,3 +27,13 @@ def test_peak_memory_of_another_process_tree():
     with PeakMemory(interval_s=0.2, pid=child.pid) as memory:
         child.wait()
     assert 0.4 < memory.peak_gib < 0.8 and memory.peak_rss_gib >= memory.peak_gib
+
+
+def test_ppo_is_rewarded_by_the_pipelines_reward_model_unless_the_user_names_a_reward():
+    from rlhf.config import load_config
+    from rlhf.pipeline import stage_configs
+
+    default = stage_configs(load_config("run", None, ["output_dir=runs/x"]))["ppo"].reward
+    assert default.path == "runs/x/rm/final" and default.function is None
+    own = stage_configs(load_config("run", None, ["output_dir=runs/x", "ppo.reward.function=rules.py:score"]))["ppo"].reward
+    assert own.function == "rules.py:score" and own.path is None

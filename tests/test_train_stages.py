@@ -221,3 +221,23 @@ def test_unsatisfiable_worker_count_is_a_clear_error(ray_local, tiny_model_dir, 
         run(_sft_config(tiny_model_dir, tmp_path / "e", "scaling.workers=8", "data.max_records=200",
                         "optim.batch_size=2"))
     assert not (tmp_path / "e" / "final").exists()
+
+
+def test_head_learning_rate_puts_the_score_head_in_its_own_group(tiny_model_dir):
+    from rlhf.config import LoraConfig, ModelConfig
+    from rlhf.models import attach_lora, load_scalar_model
+    from rlhf.training import TrainingError, parameter_groups
+
+    model = load_scalar_model(ModelConfig(path=str(tiny_model_dir)), device="cpu")
+    (single,) = parameter_groups(model, 1e-5, None)
+    assert len(single["params"]) == sum(p.requires_grad for p in model.parameters())
+    backbone, head = parameter_groups(model, 1e-5, 1e-3)
+    assert (backbone["lr"], head["lr"]) == (1e-5, 1e-3)
+    assert [id(p) for p in head["params"]] == [id(model.score.weight)]
+
+    lora = attach_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), task_type="SEQ_CLS")
+    backbone, head = parameter_groups(lora, 1e-5, 1e-3)
+    assert head["params"] and all(p.requires_grad for p in head["params"])
+    assert all(p.requires_grad for p in backbone["params"]) and len(backbone["params"]) == 2 * 2 * 2  # A, B x q, v x layers
+    with pytest.raises(TrainingError, match="no trainable 'score' head"):
+        parameter_groups(torch.nn.Linear(2, 2), 1e-5, 1e-3)
