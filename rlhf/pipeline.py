@@ -100,6 +100,10 @@ def stage_configs(cfg: RunConfig) -> dict:
     # (ppo.reward.path, function or url); rm still trains then, for the eval's reward-model accuracy.
     own_reward = cfg.ppo.reward.path or cfg.ppo.reward.function or cfg.ppo.reward.url
     ppo_reward = cfg.ppo.reward if own_reward else cfg.ppo.reward.model_copy(update={"path": rm_final})
+    # The reward model starts from the SFT model with the run's settings (dtype...), plus what rm.model sets
+    # itself (lora, say).
+    rm_model = model.model_copy(update={**{k: getattr(cfg.rm.model, k) for k in cfg.rm.model.model_fields_set},
+                                         "path": sft_final})
     rm_data = cfg.rm.data.model_copy(update={"train_path": str(out / "pairs" / "pairs.jsonl")})
     return {
         "sft": cfg.sft.model_copy(update={**common, "output_dir": str(out / "sft"), "model": model}),
@@ -107,7 +111,7 @@ def stage_configs(cfg: RunConfig) -> dict:
             **common, "output_dir": str(out / "pairs"), "model": model.model_copy(update={"path": sft_final}),
         }),
         "rm": cfg.rm.model_copy(update={
-            **common, "output_dir": str(out / "rm"), "model": cfg.rm.model.model_copy(update={"path": sft_final}),
+            **common, "output_dir": str(out / "rm"), "model": rm_model,
             "data": rm_data,
         }),
         "ppo": cfg.ppo.model_copy(update={

@@ -37,3 +37,12 @@ def test_ppo_is_rewarded_by_the_pipelines_reward_model_unless_the_user_names_a_r
     assert default.path == "runs/x/rm/final" and default.function is None
     own = stage_configs(load_config("run", None, ["output_dir=runs/x", "ppo.reward.function=rules.py:score"]))["ppo"].reward
     assert own.function == "rules.py:score" and own.path is None
+
+
+def test_the_reward_model_starts_from_the_sft_model_with_the_runs_settings_plus_its_own():
+    from rlhf.config import load_config
+    from rlhf.pipeline import stage_configs
+
+    cfg = load_config("run", None, ["output_dir=runs/x", "model.dtype=bfloat16", "rm.model.lora.r=4"])
+    rm = stage_configs(cfg)["rm"].model
+    assert (rm.path, rm.dtype, rm.lora.r) == ("runs/x/sft/final", "bfloat16", 4)
