@@ -241,3 +241,17 @@ def test_head_learning_rate_puts_the_score_head_in_its_own_group(tiny_model_dir)
     assert all(p.requires_grad for p in backbone["params"]) and len(backbone["params"]) == 2 * 2 * 2  # A, B x q, v x layers
     with pytest.raises(TrainingError, match="no trainable 'score' head"):
         parameter_groups(torch.nn.Linear(2, 2), 1e-5, 1e-3)
+
+
+def test_a_lora_reward_model_scores_like_its_classification_output(tiny_model_dir):
+    """sequence_scores reads the head at the last token; on a peft model it must unwrap it first."""
+    from rlhf.config import LoraConfig, ModelConfig
+    from rlhf.models import attach_lora, load_scalar_model, sequence_scores
+
+    model = attach_lora(load_scalar_model(ModelConfig(path=str(tiny_model_dir)), device="cpu"),
+                        LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), task_type="SEQ_CLS")
+    input_ids = torch.randint(5, 100, (2, 6))
+    with torch.no_grad():
+        scores = sequence_scores(model, input_ids, torch.ones_like(input_ids))
+        expected = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.squeeze(-1)
+    torch.testing.assert_close(scores, expected)

@@ -42,6 +42,8 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Head output at every position. (batch, seq) -> (batch, seq). ``attention_mask`` may also be a
     prepared 4D mask (shared prompts), with its ``position_ids``."""
+    if hasattr(model, "get_base_model"):  # a peft (LoRA) model: its wrapped transformers model
+        model = model.get_base_model()
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return model.score(hidden).squeeze(-1)
