@@ -595,7 +595,36 @@ class EvalConfig(StageConfig):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
     backend: Literal["vllm", "hf"] = "vllm"
     max_prompts: int = Field(64, gt=0)
-    kl_threshold: float = Field(10.0, gt=0, description="flag reward hacking above this KL")
+    kl_threshold: float = Field(
+        10.0, gt=0, description="flag when the policy's KL to the reference per sequence (nats summed over a "
+        "reply's tokens, mean over replies) exceeds this: the policy has drifted far (possible reward hacking)",
+    )
+    kl_per_token_threshold: float = Field(
+        0.5, gt=0, description="flag when the policy's KL per response token (summed KL over all replies / "
+        "their response tokens, nats) exceeds this; unlike the per-sequence figure it does not shrink when "
+        "replies get shorter",
+    )
+    bootstrap_resamples: int = Field(
+        2000, ge=100, description="resamples of the prompts (seeded by seed) behind the 95% bootstrap "
+        "intervals of the win rate and the paired gains",
+    )
+    rm_pair_min_judge_gap: float = Field(
+        0.25, ge=0, description="reward-model accuracy on the eval's own samples: a prompt's pair is the "
+        "judge's best and worst of all its reference and policy samples, kept when their judge scores differ "
+        "by more than this (the pairs stage's min_score_gap rule)",
+    )
+    collapse_distinct_2_drop: float = Field(
+        0.5, gt=0, le=1, description="flag a collapse when the policy's distinct-2 is below (1 - this) times "
+        "the reference's (0.5: it halved)",
+    )
+    collapse_finished_drop: float = Field(
+        0.25, gt=0, le=1, description="flag a collapse when the share of replies that finish (EOS or a stop, "
+        "not cut at max_new_tokens) falls by more than this from reference to policy (absolute, 0.25 = 25 "
+        "points)",
+    )
+    collapse_min_words: float = Field(
+        3.0, ge=0, description="flag a collapse when the policy's mean reply length is below this many words",
+    )
     ppo_metrics: str | None = Field(None, description="a PPO run's metrics.jsonl, for reward/KL curves")
     sft_data: DataConfig | None = Field(
         None, description="the SFT stage's data section: perplexity of reference and policy on its held-out "

@@ -32,28 +32,35 @@ class Pair:
     rejected_score: float
 
 
+def pick_pair(texts: list[str], values: list[float], *, min_score_gap: float = 0.0) -> tuple[int, int] | str:
+    """One prompt's pair: the indices ``(best, worst)`` of its highest- and lowest-scored non-empty
+    responses, or (a string) why it has none: fewer than two non-empty responses, best and worst the
+    same text, or scores that differ by no more than ``min_score_gap``."""
+    candidates = [i for i, text in enumerate(texts) if text.strip()]
+    if len(candidates) < 2:
+        return "fewer than 2 non-empty responses"
+    best = max(candidates, key=lambda i: values[i])
+    worst = min(candidates, key=lambda i: values[i])
+    if texts[best].strip() == texts[worst].strip():
+        return "identical responses"
+    if values[best] - values[worst] <= min_score_gap:
+        return f"score gap <= {min_score_gap:g}"
+    return best, worst
+
+
 def select_pairs(prompts: list[str], messages: list[list[dict]], responses: list[list[str]],
                  scores: list[list[float]], *, min_score_gap: float = 0.0) -> tuple[list[Pair], Counter]:
-    """For each prompt, the highest-scored response is chosen and the lowest rejected.
-
-    Empty responses are left out (a record needs text on both sides). A prompt yields no pair when
-    fewer than two non-empty responses remain, when its best and worst are the same text, or when
-    their scores differ by no more than ``min_score_gap``; the counter says how many and why.
-    """
+    """For each prompt, the highest-scored response is chosen and the lowest rejected (:func:`pick_pair`;
+    empty responses are left out, since a record needs text on both sides); the counter says how many
+    prompts yield no pair, and why."""
     pairs, dropped = [], Counter()
     for prompt, convo, texts, values in zip(prompts, messages, responses, scores):
-        candidates = [i for i, text in enumerate(texts) if text.strip()]
-        if len(candidates) < 2:
-            dropped["fewer than 2 non-empty responses"] += 1
+        picked = pick_pair(texts, values, min_score_gap=min_score_gap)
+        if isinstance(picked, str):
+            dropped[picked] += 1
             continue
-        best = max(candidates, key=lambda i: values[i])
-        worst = min(candidates, key=lambda i: values[i])
-        if texts[best].strip() == texts[worst].strip():
-            dropped["identical responses"] += 1
-        elif values[best] - values[worst] <= min_score_gap:
-            dropped[f"score gap <= {min_score_gap:g}"] += 1
-        else:
-            pairs.append(Pair(prompt, convo, texts[best], texts[worst], values[best], values[worst]))
+        best, worst = picked
+        pairs.append(Pair(prompt, convo, texts[best], texts[worst], values[best], values[worst]))
     return pairs, dropped
 
 

@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
+from rlhf.config import EvalConfig
 from rlhf.eval import (
-    distinct_n, mean_ci, response_perplexity, reward_model_accuracy, sequence_kl, win_rate, write_report,
+    afinn_per_word, best_of_n, bootstrap_ci, collapse_flags, compare, distinct_n, judge_labelled_accuracy, mean_ci,
+    paired_gain, per_prompt, prompt_means, response_perplexity, reward_model_accuracy, sequence_kl, text_stats,
+    wilson_interval, win_outcomes, win_rate, write_report,
 )
 
 
@@ -25,6 +28,112 @@ def test_mean_ci_matches_the_normal_formula():
 def test_win_rate_counts_ties_as_half():
     result = win_rate([1.0, 2.0, 3.0, 0.5], [0.5, 2.0, 4.0, 0.0])
     assert result == {"win_rate": (2 + 0.5) / 4, "wins": 2, "ties": 1, "losses": 1}
+    assert win_outcomes([1.0, 2.0, 3.0, 0.5], [0.5, 2.0, 4.0, 0.0]) == [1.0, 0.5, 0.0, 1.0]
+
+
+def test_samples_are_grouped_per_prompt():
+    # Two prompts, three samples each, prompt-major.
+    values = [1.0, 2.0, 6.0, -1.0, -3.0, -2.0]
+    assert per_prompt(values, 3) == [[1.0, 2.0, 6.0], [-1.0, -3.0, -2.0]]
+    assert prompt_means(values, 3) == [3.0, -2.0]
+    assert best_of_n(values, 3) == (6.0 + -1.0) / 2
+    assert prompt_means(values, 1) == values and best_of_n(values, 1) == sum(values) / 6
+    with pytest.raises(ValueError, match="not a whole number of prompts"):
+        per_prompt(values, 4)
+    # The win rate is per prompt on the means: prompt 1 loses on two of its three samples but wins on
+    # its mean; prompt 2 ties on its mean although no sample ties.
+    policy = [2.5, 1.5, 7.0, -1.5, -2.5, -2.0]
+    assert prompt_means(policy, 3) == [3.6666666666666665, -2.0]
+    assert win_rate(prompt_means(policy, 3), prompt_means(values, 3))["win_rate"] == (1 + 0.5) / 2
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I, method 3 (Wilson score, no continuity correction).
+    assert wilson_interval(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx([0.0624, 0.1605], abs=1e-4)
+    assert wilson_interval(0, 20) == pytest.approx([0.0, 0.1611], abs=1e-4)
+    # All successes: the mirror image of none.
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and lo == pytest.approx(1 - 0.1611, abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_bootstrap_interval_excludes_zero_for_a_clear_gain_and_covers_it_for_none():
+    clear = [0.4, 0.6, 0.5, 0.7, 0.3, 0.55, 0.45, 0.65, 0.35, 0.5]
+    lo, hi = bootstrap_ci(clear, resamples=2000, seed=0)
+    assert 0 < lo < sum(clear) / len(clear) < hi <= max(clear)
+    none = [-1.0, 1.0, -0.5, 0.5, -0.2, 0.2, -0.8, 0.8, 0.1, -0.1]
+    lo, hi = bootstrap_ci(none, resamples=2000, seed=0)
+    assert lo < 0 < hi
+    # Seeded: the same seed gives the same interval; one value has no spread.
+    assert bootstrap_ci(none, resamples=500, seed=3) == bootstrap_ci(none, resamples=500, seed=3)
+    assert bootstrap_ci([0.25], resamples=200, seed=0) == [0.25, 0.25]
+    with pytest.raises(ValueError):
+        bootstrap_ci([], resamples=200)
+
+
+def test_bootstrap_interval_of_many_values_is_close_to_the_normal_interval():
+    values = [float((7 * i) % 23) for i in range(400)]  # spread over 0..22
+    mean, half = mean_ci(values)
+    lo, hi = bootstrap_ci(values, resamples=4000, seed=1)
+    assert lo == pytest.approx(mean - half, abs=0.1 * half) and hi == pytest.approx(mean + half, abs=0.1 * half)
+
+
+def test_paired_gain_keeps_a_prompts_scores_together():
+    # Prompts differ wildly in difficulty, but the policy gains exactly 1 on every one: the paired
+    # interval is [1, 1], while intervals of the two means alone overlap heavily.
+    before = [-5.0, 3.0, 10.0, 0.0, -2.0, 7.0]
+    after = [b + 1.0 for b in before]
+    gain = paired_gain(after, before, resamples=500, seed=0)
+    assert gain["mean"] == pytest.approx(1.0) and gain["ci95"] == pytest.approx([1.0, 1.0])
+    assert mean_ci(after)[0] - mean_ci(after)[1] < mean_ci(before)[0] + mean_ci(before)[1]
+    worse = paired_gain([b - 0.5 + 0.1 * (i % 3) for i, b in enumerate(before)], before, resamples=500, seed=0)
+    assert worse["ci95"][1] < 0
+
+
+def test_afinn_is_per_word():
+    assert afinn_per_word(["good", "good good good good", "good and then some", "", "bad bad"]) == [
+        3.0, 3.0, 3.0 / 4, 0.0, -3.0]
+
+
+NORMAL = ["The weather today is mild with a light breeze from the west.",
+          "You can brew green tea at about eighty degrees for two minutes.",
+          "Paris is the capital of France and sits on the Seine.",
+          "A short walk after lunch helps many people feel more awake."]
+
+
+def test_collapse_is_flagged_on_degenerate_text_and_not_on_normal_text():
+    thresholds = {"distinct_2_drop": 0.5, "finished_drop": 0.25, "min_words": 3.0}
+    normal = text_stats(NORMAL, ["stop"] * 4)
+    assert normal["finished"] == 1.0 and normal["distinct_2"] > 0.9
+    reworded = text_stats([t.replace("the", "a") for t in NORMAL], ["stop", "stop", "stop", "length"])
+    assert collapse_flags(normal, reworded, **thresholds) == []
+    repetitive = text_stats(["good good good good good good good good"] * 4, ["length"] * 4)
+    assert repetitive["finished"] == 0.0
+    flags = collapse_flags(normal, repetitive, **thresholds)
+    assert len(flags) == 2 and "distinct-2" in flags[0] and "finish" in flags[1]
+    short = text_stats(["Yes.", "No.", "Maybe so.", "Fine."], ["stop"] * 4)
+    assert [f for f in collapse_flags(normal, short, **thresholds) if "words" in f]
+    assert collapse_flags(normal, short, **{**thresholds, "min_words": 1.0}) == []
+
+
+def test_reward_model_accuracy_on_judge_labelled_pairs():
+    texts = [["a", "b", "c"], ["a", "b", "c"], ["a", "b", "c"], ["same", "same", "x"], ["a", "b", "c"]]
+    judge = [[0.9, 0.5, 0.1],   # best a, worst c
+             [0.1, 0.5, 0.9],   # best c, worst a
+             [0.50, 0.55, 0.6],  # gap 0.1: no pair
+             [0.9, 0.95, 0.92],  # best and worst are both "same": no pair
+             [0.2, 0.9, 0.0]]   # best b, worst c
+    reward = [[2.0, 0.0, -1.0],  # right: a above c
+              [3.0, 0.0, 1.0],   # wrong: a (judge's worst) above c
+              [0.0, 1.0, 2.0],
+              [0.0, 1.0, 2.0],
+              [0.0, 1.0, 1.0]]   # a tie counts as wrong
+    result = judge_labelled_accuracy(texts, judge, reward, min_judge_gap=0.25)
+    assert (result["pairs"], result["correct"]) == (3, 1)
+    assert result["accuracy"] == pytest.approx(1 / 3) and result["accuracy_ci95"] == wilson_interval(1, 3)
+    assert judge_labelled_accuracy(texts, judge, reward, min_judge_gap=5.0)["accuracy"] is None
 
 
 def test_distinct_n():
@@ -94,7 +203,7 @@ def test_reward_model_accuracy_on_pairs_of_known_order(tiny_model_dir, tiny_toke
              {"chosen_ids": low, "rejected_ids": mid_high}]       # wrong
     result = reward_model_accuracy(model, items, tiny_tokenizer.pad_token_id, batch_size=2)
     assert result["pairs"] == 3
-    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert result["accuracy"] == pytest.approx(2 / 3) and result["accuracy_ci95"] == wilson_interval(2, 3)
     s = sorted(scores)
     expected_margin = ((s[3] - s[0]) + (s[2] - s[1]) + (s[0] - s[2])) / 3
     assert result["margin"] == pytest.approx(expected_margin, abs=1e-4)
@@ -109,30 +218,84 @@ def test_reward_model_accuracy_needs_a_reward_model():
         EvalConfig(preference_data=DataConfig(train_path="pairs.jsonl"))
 
 
-def test_report_files(tmp_path):
-    result = {
-        "prompts": 2,
-        "before": {"judge": 0.1, "judge_ci95": 0.05, "kl": 0.0, "length_words": 5, "distinct_1": 0.5,
-                   "distinct_2": 0.6, "reward": -0.2, "reward_ci95": 0.1, "perplexity": 7.25},
-        "after": {"judge": 0.4, "judge_ci95": 0.05, "kl": 1.5, "length_words": 6, "distinct_1": 0.4,
-                  "distinct_2": 0.5, "reward": 0.3, "reward_ci95": 0.1, "perplexity": 8.5},
-        "policy_vs_reference": {"win_rate": 0.75, "wins": 1, "ties": 1, "losses": 0},
-        "perplexity_tokens": 120,
-        "reward_model": {"accuracy": 0.625, "margin": 0.8, "pairs": 8},
-        "flags": ["KL to the reference 1.50 exceeds kl_threshold 1"],
-        "samples": [{"prompt": "hi | there", "before": "a", "after": "b", "judge_before": 0, "judge_after": 1}],
-        "_scores": {"judge_before": [0.1, 0.1], "judge_after": [0.4, 0.4], "reward_before": [-0.2, -0.2],
-                    "reward_after": [0.3, 0.3]},
-    }
+def _side(texts, judge, reward, kl, tokens, perplexity=None):
+    return {"texts": texts, "finish_reasons": ["stop"] * len(texts), "judge": judge, "reward": reward, "kl": kl,
+            "tokens": tokens, "perplexity": perplexity}
+
+
+def test_report_files_with_two_samples_per_prompt(tmp_path):
+    prompts = ["hi | there", "tea?", "weather"]
+    before = _side(["a reply", "another reply", "tea is fine", "tea is good", "rain", "sun today"],
+                   [0.1, 0.3, 0.0, 0.2, 0.5, 0.1], [-0.2, 0.0, -0.1, 0.1, 0.2, -0.3],
+                   [0.0] * 6, [3, 4, 4, 4, 2, 3], {"perplexity": 7.25, "nll": 2.0, "tokens": 120})
+    after = _side(["a good reply", "another good reply", "tea is great", "tea is good", "rain", "sunny and warm"],
+                  [0.5, 0.6, 0.4, 0.2, 0.1, 0.3], [0.3, 0.4, 0.2, 0.1, 0.0, 0.5],
+                  [1.0, 2.0, 1.5, 0.5, 0.0, 1.0], [3, 4, 4, 4, 2, 3], {"perplexity": 8.5, "nll": 2.1, "tokens": 120})
+    cfg = EvalConfig(bootstrap_resamples=200, kl_threshold=0.9, rm_pair_min_judge_gap=0.25)
+    rm = {"accuracy": 0.625, "accuracy_ci95": wilson_interval(5, 8), "correct": 5, "pairs": 8, "margin": 0.8}
+    result = compare(prompts, 2, before, after, cfg, reward_model=rm)
+
+    # By hand, per prompt (mean of two samples): before 0.2, 0.1, 0.3; after 0.55, 0.3, 0.2.
+    assert result["prompts"] == 3 and result["samples_per_prompt"] == 2
+    assert result["policy_vs_reference"]["win_rate"] == pytest.approx(2 / 3)
+    assert (result["policy_vs_reference"]["wins"], result["policy_vs_reference"]["losses"]) == (2, 1)
+    lo, hi = result["policy_vs_reference"]["win_rate_ci95"]
+    assert 0 <= lo <= 2 / 3 <= hi <= 1
+    assert result["judge_gain"]["mean"] == pytest.approx((0.35 + 0.2 - 0.1) / 3)
+    assert result["before"]["judge"] == pytest.approx(0.2) and result["before"]["judge_best_of_n"] == pytest.approx(
+        (0.3 + 0.2 + 0.5) / 3)
+    assert result["after"]["kl"] == pytest.approx(6.0 / 6) and result["after"]["kl_per_token"] == pytest.approx(6 / 20)
+    assert result["before"]["finished"] == 1.0 and result["after"]["length_words"] == pytest.approx(16 / 6)
+    assert result["afinn_gain"]["mean"] > 0  # "good", "great", "warm" are positive words, and nothing negative
+    # Pools of four per prompt: prompt 1's judge best "a good reply" (0.6) vs worst "a reply" (0.1): reward
+    # 0.4 > -0.2, right; prompt 2's best "tea is great" (0.4) vs worst "tea is fine" (0.0): 0.2 > -0.1, right;
+    # prompt 3's best "rain" (0.5) vs worst "sun today" (0.1): 0.2 > -0.3, right.
+    assert result["reward_model_eval_pairs"]["pairs"] == 3 and result["reward_model_eval_pairs"]["accuracy"] == 1.0
+    assert [(s["prompt"], s["index"]) for s in result["samples"]] == [(p, j) for p in prompts for j in (0, 1)]
+    assert result["samples"][3]["after"] == "tea is good" and result["samples"][3]["judge_after"] == 0.2
+    assert any("per sequence exceeds kl_threshold" in f for f in result["flags"])  # 1.0 per sequence, above 0.9
+    assert not any("per token" in f for f in result["flags"])  # 0.3 per token, under the default 0.5
+    assert any("collapse_min_words" in f for f in result["flags"])  # 2.7 words on average, under 3
+
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10, "kl/mean": s / 20}) + "\n" for s in (1, 2)))
     write_report(result, tmp_path, str(metrics))
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["after"]["judge"] == 0.4 and "_scores" not in saved
-    report = (tmp_path / "eval.md").read_text()
-    assert "75.0%" in report and "0.400 ± 0.050" in report and "hi / there" in report and "exceeds" in report
-    assert "| 7.250 |" in report and "| 8.500 |" in report and "120 response tokens" in report
-    assert "62.5%** accuracy on 8 held-out pairs" in report
+    assert "_scores" not in saved and saved["after"]["judge"] == pytest.approx((0.55 + 0.3 + 0.2) / 3)
     assert saved["reward_model"]["accuracy"] == 0.625 and saved["after"]["perplexity"] == 8.5
+    for key in ("judge", "reward", "kl"):
+        assert key in saved["before"] and key in saved["after"]
+    report = (tmp_path / "eval.md").read_text()
+    assert "**66.7%**" in report and "a tie counts as half a win" in report and "hi / there" in report
+    assert "| 7.250 |" in report and "| 8.500 |" in report and "120 response tokens" in report
+    assert "**62.5%** [30.6%, 86.3%] accuracy on 8 held-out pairs" in report
+    assert "**100.0%**" in report and "exceeds" in report and "Best-of-2" in report
     assert (tmp_path / "eval.png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_eval_of_a_policy_equal_to_its_reference_with_two_samples_per_prompt(tiny_model_dir, tmp_path):
+    """Through Ray and the HF engine: with the same seeds, a policy that is its reference samples the
+    very same replies, so every pair ties, the gain is exactly 0 and the KL is 0."""
+    import ray
+
+    from rlhf.eval import run
+
+    tiny = str(tiny_model_dir)
+    cfg = EvalConfig(output_dir=str(tmp_path), policy={"path": tiny}, reference={"path": tiny},
+                     reward={"path": tiny}, backend="hf", max_prompts=3, bootstrap_resamples=200,
+                     sampling={"n": 2, "temperature": 1.0, "max_new_tokens": 8}, ray={"num_cpus": 2})
+    try:
+        saved = json.loads(run(cfg).read_text())
+    finally:
+        ray.shutdown()
+    assert saved["prompts"] == 3 and saved["samples_per_prompt"] == 2 and len(saved["samples"]) == 6
+    assert [s["index"] for s in saved["samples"]] == [0, 1] * 3
+    assert all(s["before"] == s["after"] and s["judge_before"] == s["judge_after"] for s in saved["samples"])
+    assert saved["samples"][0]["before"] != saved["samples"][1]["before"]  # two different draws per prompt
+    assert saved["policy_vs_reference"]["ties"] == 3 and saved["policy_vs_reference"]["win_rate"] == 0.5
+    assert saved["judge_gain"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    assert abs(saved["after"]["kl"]) < 1e-3 and abs(saved["after"]["kl_per_token"]) < 1e-3
+    assert saved["after"]["judge_best_of_n"] >= saved["after"]["judge"]
+    assert saved["reward_model_eval_pairs"]["pairs"] <= 3 and (tmp_path / "eval.md").is_file()
