@@ -668,10 +668,24 @@ class BenchConfig(StageConfig):
         return self
 
 
+class GoalsConfig(Section):
+    """What `rlhf run` checks at the end and reports as met or missed (in eval.json under ``goals``); a
+    missed goal is reported, not an error."""
+
+    min_prompts: int = Field(64, gt=0, description="held-out prompts the eval compares on")
+    min_win_rate: float = Field(0.65, ge=0, le=1, description="policy's per-prompt judge win rate over the SFT "
+                                "model; the lower end of its 95% interval must also be above 0.5")
+    min_reward_model_accuracy: float = Field(0.8, ge=0, le=1, description="on the rm stage's held-out pairs")
+    min_reward_model_pairs: int = Field(64, gt=0, description="held-out pairs that accuracy is measured on")
+    max_wall_s: float | None = Field(900.0, gt=0, description="the whole pipeline's wall time; none: not checked")
+    max_peak_memory_gib: float | None = Field(12.0, gt=0, description="peak PSS of any stage; none: not checked")
+
+
 class RunConfig(StageConfig):
     """`rlhf run`: the whole pipeline, sft -> pairs -> rm -> ppo -> eval, each stage under output_dir."""
 
     output_dir: str = "runs/demo"
+    goals: GoalsConfig = Field(default_factory=GoalsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)

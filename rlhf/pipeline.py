@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import RunConfig, dump_config, save_config
+from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.pipeline")
 
@@ -141,7 +142,6 @@ def _done(stage: str, cfg) -> bool:
 def run(cfg: RunConfig) -> Path:
     import importlib
     import json
-    import shutil
 
     out = Path(cfg.output_dir)
     save_config(cfg, out)
@@ -163,18 +163,95 @@ def run(cfg: RunConfig) -> Path:
     summary = {"wall_s": round(time.perf_counter() - started, 1),
                "peak_memory_gib": max((s["peak_memory_gib"] for s in stages.values()), default=0.0),
                "peak_rss_sum_gib": max((s["peak_rss_sum_gib"] for s in stages.values()), default=0.0),
-               "stages": stages}
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.copyfile(out / "eval" / "eval.json", out / "eval.json")  # where scripts look for the outcome
-    result = json.loads((out / "eval.json").read_text())
+               "stages": stages, "skipped": [stage for stage in configs if stage not in stages]}
+    write_atomic(out / "run_summary.json", json.dumps(summary, indent=2))
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    result["run"] = summary
+    result["goals"] = check_goals(result, summary, cfg)
+    write_atomic(out / "eval.json", json.dumps(result, indent=2))  # where scripts look for the outcome
     print(f"\nPipeline finished in {summary['wall_s']:.0f} s, peak memory {summary['peak_memory_gib']:.2f} GiB "
           "(PSS of this process and its Ray workers).")
-    print(f"  SFT model      {out / 'sft' / 'final'}")
-    print(f"  pairs          {out / 'pairs' / 'pairs.jsonl'}")
-    print(f"  reward model   {out / 'rm' / 'final'}")
-    print(f"  aligned policy {out / 'ppo' / 'final'}  (metrics: {out / 'ppo' / 'metrics.jsonl'})")
-    print(f"  evaluation     {out / 'eval' / 'eval.md'}, {out / 'eval.json'}, {out / 'eval' / 'eval.png'}")
-    b, a = result["before"], result["after"]
-    print(f"\n  judge  {b['judge']:.3f} -> {a['judge']:.3f}   reward {b['reward']:.3f} -> {a['reward']:.3f}   "
-          f"KL {b['kl']:.3f} -> {a['kl']:.3f}   win rate {result['policy_vs_reference']['win_rate']:.1%}")
+    print(f"  SFT model        {out / 'sft' / 'final'}")
+    print(f"  pairs            {out / 'pairs' / 'pairs.jsonl'}")
+    print(f"  reward model     {out / 'rm' / 'final'}")
+    print(f"  aligned policy   {out / 'ppo' / 'final'}  (metrics: {out / 'ppo' / 'metrics.jsonl'})")
+    print(f"  learning curves  {out / 'ppo' / 'learning_curves.png'}")
+    print(f"  evaluation       {out / 'eval' / 'eval.md'}, {out / 'eval.json'}, {out / 'eval' / 'eval.png'}")
+    print("\n" + summary_table(result))
     return out
+
+
+def _interval(bounds: list[float] | None, fmt: str = "+.3f") -> str:
+    return f"[{bounds[0]:{fmt}}, {bounds[1]:{fmt}}]" if bounds else ""
+
+
+def summary_table(result: dict) -> str:
+    """The demo's closing lines: the SFT model against the aligned policy on the held-out prompts, the
+    reward model's accuracy, flags and goals (eval.json with ``goals`` from :func:`check_goals`)."""
+    b, a = result["before"], result["after"]
+    versus, gain = result["policy_vs_reference"], result["judge_gain"]
+
+    def cell(value, ci=None, fmt=".3f"):
+        return "-" if value is None else f"{value:{fmt}}" + (f" ± {ci:{fmt}}" if ci else "")
+
+    rows = [("judge", "judge", "judge_ci95", ".3f"), ("reward model", "reward", "reward_ci95", ".3f"),
+            ("AFINN per word (unseen)", "afinn", "afinn_ci95", ".3f"), ("KL per sequence", "kl", "kl_ci95", ".3f"),
+            ("KL per token", "kl_per_token", None, ".4f"), ("replies that finish", "finished", None, ".1%"),
+            ("words", "length_words", None, ".1f"), ("distinct-2", "distinct_2", None, ".3f"),
+            ("perplexity (held-out SFT)", "perplexity", None, ".2f")]
+    lines = [f"  {result['prompts']} held-out prompts x {result['samples_per_prompt']} samples, same seeds for both models",
+             f"  {'':28}{'SFT model':>18}{'aligned policy':>20}"]
+    for name, key, ci, fmt in rows:
+        lines.append(f"  {name:28}{cell(b[key], b.get(ci) if ci else None, fmt):>18}"
+                     f"{cell(a[key], a.get(ci) if ci else None, fmt):>20}")
+    lines.append(f"  {'judge, best of ' + str(result['samples_per_prompt']) + ' SFT samples':28}{cell(b['judge_best_of_n']):>18}")
+    lines.append(f"\n  win rate {versus['win_rate']:.1%} {_interval(versus.get('win_rate_ci95'), '.1%')} per prompt "
+                 f"({versus['wins']} wins, {versus['ties']} ties counted half, {versus['losses']} losses); "
+                 f"judge gain {gain['mean']:+.3f} {_interval(gain['ci95'])}")
+    for key, label in (("reward_model", "held-out pairs"), ("reward_model_eval_pairs", "judge-labelled eval pairs")):
+        rm = result.get(key)
+        if rm and rm.get("accuracy") is not None:
+            lines.append(f"  reward model accuracy {rm['accuracy']:.1%} {_interval(rm.get('accuracy_ci95'), '.1%')} "
+                         f"on {rm['pairs']} {label}")
+    lines += [f"  warning: {flag}" for flag in result.get("flags", [])]
+    if result.get("goals"):
+        lines.append("\n  goals:")
+        for goal in result["goals"]:
+            mark = {True: "met", False: "MISSED", None: "not measured"}[goal["met"]]
+            lines.append(f"    {mark:>12}  {goal['goal']}: {goal['value']}")
+    return "\n".join(lines)
+
+
+def check_goals(result: dict, summary: dict, cfg: RunConfig) -> list[dict]:
+    """Each of ``cfg.goals`` (and the eval's KL and collapse thresholds) against the outcome:
+    ``{"goal", "value", "met"}``; met is None where the run did not measure it (time and memory when
+    stages were skipped, accuracy without held-out pairs)."""
+    goals, after = cfg.goals, result["after"]
+    versus, gain, rm = result["policy_vs_reference"], result["judge_gain"], result.get("reward_model") or {}
+    low, high = versus.get("win_rate_ci95") or (None, None)
+    whole_run = not summary.get("skipped")
+    checks = [
+        (f"at least {goals.min_prompts} held-out prompts", result["prompts"], result["prompts"] >= goals.min_prompts),
+        (f"win rate at least {goals.min_win_rate:.0%}", f"{versus['win_rate']:.1%}", versus["win_rate"] >= goals.min_win_rate),
+        ("win rate's 95% interval above 50%", _interval([low, high], ".1%") if low is not None else "-",
+         None if low is None else low > 0.5),
+        ("judge gain's 95% interval above 0", f"{gain['mean']:+.3f} {_interval(gain['ci95'])}", gain["ci95"][0] > 0),
+        (f"KL per sequence at most {cfg.eval.kl_threshold:g}", f"{after['kl']:.3f}", after["kl"] <= cfg.eval.kl_threshold),
+        (f"KL per token at most {cfg.eval.kl_per_token_threshold:g}", f"{after['kl_per_token']:.4f}",
+         after["kl_per_token"] <= cfg.eval.kl_per_token_threshold),
+        ("no collapse of the text", "; ".join(f for f in result.get("flags", []) if f.startswith("collapse")) or "none",
+         not any(f.startswith("collapse") for f in result.get("flags", []))),
+        (f"reward model at least {goals.min_reward_model_accuracy:.0%} accurate on at least "
+         f"{goals.min_reward_model_pairs} held-out pairs",
+         f"{rm['accuracy']:.1%} {_interval(rm.get('accuracy_ci95'), '.1%')} on {rm['pairs']}" if rm.get("accuracy") is not None else "-",
+         None if rm.get("accuracy") is None else
+         rm["accuracy"] >= goals.min_reward_model_accuracy and rm["pairs"] >= goals.min_reward_model_pairs),
+    ]
+    if goals.max_wall_s is not None:
+        checks.append((f"whole pipeline within {goals.max_wall_s:g} s", f"{summary['wall_s']:.0f} s",
+                       summary["wall_s"] <= goals.max_wall_s if whole_run else None))
+    if goals.max_peak_memory_gib is not None:
+        checks.append((f"peak memory at most {goals.max_peak_memory_gib:g} GiB (PSS)",
+                       f"{summary['peak_memory_gib']:.2f} GiB",
+                       summary["peak_memory_gib"] <= goals.max_peak_memory_gib if whole_run else None))
+    return [{"goal": goal, "value": str(value), "met": met} for goal, value, met in checks]

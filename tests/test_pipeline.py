@@ -46,3 +46,38 @@ def test_the_reward_model_starts_from_the_sft_model_with_the_runs_settings_plus_
     cfg = load_config("run", None, ["output_dir=runs/x", "model.dtype=bfloat16", "rm.model.lora.r=4"])
     rm = stage_configs(cfg)["rm"].model
     assert (rm.path, rm.dtype, rm.lora.r) == ("runs/x/sft/final", "bfloat16", 4)
+
+
+def _eval_result(win_rate, win_ci, gain_ci, rm_accuracy, rm_pairs, flags=()):
+    block = {"judge": 1.0, "judge_ci95": 0.1, "judge_best_of_n": 1.4, "reward": 0.5, "reward_ci95": 0.1,
+             "afinn": 0.2, "afinn_ci95": 0.02, "kl": 2.0, "kl_ci95": 0.5, "kl_per_token": 0.05, "finished": 0.6,
+             "length_words": 20.0, "distinct_2": 0.8, "perplexity": 18.0}
+    return {"prompts": 64, "samples_per_prompt": 2, "before": block, "after": {**block, "judge": 1.3},
+            "policy_vs_reference": {"win_rate": win_rate, "win_rate_ci95": win_ci, "wins": 40, "ties": 4, "losses": 20},
+            "judge_gain": {"mean": 0.3, "ci95": gain_ci}, "flags": list(flags),
+            "reward_model": {"accuracy": rm_accuracy, "accuracy_ci95": [rm_accuracy - 0.1, rm_accuracy + 0.05],
+                             "pairs": rm_pairs}}
+
+
+def test_goals_are_met_or_missed_by_the_numbers():
+    from rlhf.config import load_config
+    from rlhf.pipeline import check_goals, summary_table
+
+    cfg = load_config("run", None, [])
+    summary = {"wall_s": 850.0, "peak_memory_gib": 11.0, "skipped": []}
+    good = {g["goal"]: g["met"] for g in check_goals(_eval_result(0.7, [0.6, 0.8], [0.1, 0.5], 0.85, 64), summary, cfg)}
+    assert all(good.values()), good
+    bad = check_goals(_eval_result(0.7, [0.49, 0.8], [-0.1, 0.5], 0.85, 60, ["collapse: distinct-2 fell"]),
+                      {**summary, "wall_s": 950.0}, cfg)
+    missed = [g["goal"] for g in bad if g["met"] is False]
+    assert len(missed) == 5 and any("interval above 50%" in m for m in missed)
+    assert any("collapse" in m for m in missed) and any("900 s" in m for m in missed)
+    assert any("judge gain" in m for m in missed) and any("64 held-out pairs" in m for m in missed)
+    # Time and memory are not judged when stages were skipped (a resumed run).
+    resumed = {g["goal"]: g["met"] for g in check_goals(_eval_result(0.7, [0.6, 0.8], [0.1, 0.5], 0.85, 64),
+                                                        {**summary, "skipped": ["sft"]}, cfg)}
+    assert resumed["whole pipeline within 900 s"] is None
+
+    result = {**_eval_result(0.7, [0.6, 0.8], [0.1, 0.5], 0.85, 64), "goals": bad}
+    table = summary_table(result)
+    assert "win rate 70.0% [60.0%, 80.0%]" in table and "MISSED" in table and "judge, best of 2" in table
