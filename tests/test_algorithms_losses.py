@@ -61,6 +61,21 @@ def test_policy_loss_gradient_is_zero_for_clipped_and_padding_tokens():
     close(logprobs.grad, [[0.0, -0.125, 0.275, 0.0, 0.0]])
 
 
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_policy_loss_stays_finite_when_the_log_ratio_overflows_exp(dual_clip):
+    """A log ratio of 100 (exp overflows float32) used to give NaN gradients, even to a token in the
+    clipped branch (0 * inf in exp's backward); clamped to +-LOG_RATIO_LIMIT it stays finite, and the
+    other tokens keep their exact gradient."""
+    logprobs = torch.tensor([[100.0, 100.0, math.log(0.5), -100.0]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 4), torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.ones(1, 4)
+    loss, stats = policy_loss(logprobs, old, adv, mask, clip_ratio=0.2, dual_clip=dual_clip)
+    loss.backward()
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in stats.values())
+    assert torch.isfinite(logprobs.grad).all()
+    # token 2 (ratio 0.5, A 1) unclipped: -A * ratio / 4; the others are clipped or beyond the clamp
+    close(logprobs.grad, [[0.0, 0.0, -0.125, 0.0]])
+
+
 def test_dual_clip_bounds_negative_advantage_losses():
     # ratio 3, A -1: max(3, 1.2) = 3 -> dual bound -2 * -1 = 2 -> 2 (no gradient)
     # ratio 3, A  1: max(-3, -1.2) = -1.2 (positive advantage: dual clip does not apply)

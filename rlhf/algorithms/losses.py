@@ -23,6 +23,11 @@ from rlhf.algorithms.kl import KLEstimator, kl_estimate
 
 IGNORE_INDEX = -100  # label of tokens without loss, PyTorch's default ignore_index (as in rlhf.data)
 
+# exp(log ratio) overflows float32 past ~88 nats, and then even a token in the clipped branch gets a NaN
+# gradient (0 * inf in the backward of exp). Past 20 nats (a ratio of 5e8, as OpenRLHF and veRL clamp)
+# the token is far outside any clip range, so the exact ratio no longer matters, only that it is finite.
+LOG_RATIO_LIMIT = 20.0
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` is 1.
@@ -46,14 +51,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     logprobs (batch, seq) under the policy being trained (with grad), old_logprobs (batch, seq) under
     the policy that sampled, advantages (batch, seq), action_mask (batch, seq) -> (scalar loss, stats):
 
-        ratio = exp(logprobs - old_logprobs)
+        ratio = exp(clamp(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - clip_ratio, 1 + clip_ratio))
         dual clip, only where A_t < 0:  loss_t = min(loss_t, -dual_clip * A_t)
         loss = masked_mean(loss_t)
 
     The dual clip (``dual_clip`` > 1) bounds the loss of a negative-advantage token whose ratio has
     grown large, where plain PPO's loss (and gradient) is unbounded. A token whose loss comes from a
-    clipped branch has zero gradient.
+    clipped branch has zero gradient, and so has one whose log ratio is beyond +-``LOG_RATIO_LIMIT``.
 
     stats: ``clipfrac`` (fraction of valid tokens where the clipped term is taken, i.e. no gradient),
     ``approx_kl`` (k3 estimate of KL(old || new): mean of ``ratio - 1 - log ratio``), ``ratio_mean``,
@@ -71,6 +76,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     valid = action_mask.bool()
     advantages = torch.where(valid, advantages.detach(), torch.zeros_like(advantages))
     log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    log_ratio = log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # exp() stays finite, so does its gradient
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
