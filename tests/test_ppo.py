@@ -94,6 +94,63 @@ def test_make_experience_shapes_and_kl_penalty(tiny_model_dir, tmp_path):
     assert [p["input_ids"].shape[0] for p in parts] == [1, 1]
 
 
+def _kl_experience(cfg, kl_coef):
+    """make_experience on four responses (two prompts x two samples) whose KL to the reference differs
+    from sample to sample, scores equal within each prompt, and critic values 0."""
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    batch = {
+        "input_ids": torch.zeros(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long),
+        "action_mask": mask, "logprobs": torch.full((4, 4), -1.0),
+    }
+    ref = torch.tensor([[-1.5], [-1.0], [-3.0], [-1.2]]).expand(4, 4).clone()  # k1 per token 0.5, 0, 2, 0.2
+    return make_experience(
+        batch, ref_logprobs=ref, values=torch.zeros(4, 4), scores=torch.tensor([1.0, 1.0, 0.0, 0.0]),
+        ended_with_eos=torch.ones(4, dtype=torch.bool), group_ids=torch.tensor([0, 0, 1, 1]), cfg=cfg,
+        kl_coef=kl_coef, reward_stats=(None, None),
+    )
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_outcome_advantages_see_the_kl_penalty_in_reward_mode(tiny_model_dir, tmp_path, advantage):
+    """With kl.mode: reward, grpo and rloo see each response's score minus its summed KL penalty (the
+    scores are equal within each group, so without the penalty every advantage would be 0)."""
+    cfg = _cfg(tiny_model_dir, tmp_path, f"ppo.advantage={advantage}")
+    assert cfg.ppo.kl.mode == "reward"  # the default
+    without, _ = _kl_experience(cfg, 0.0)
+    with_kl, _ = _kl_experience(cfg, 100.0)
+    assert torch.equal(without["advantages"], torch.zeros(4, 4))
+    assert not torch.allclose(with_kl["advantages"], without["advantages"])
+    # Summed KL: 1, 0, 4, 0.6: within each group the sample further from the reference is worse off.
+    assert with_kl["advantages"][0, 1] < 0 < with_kl["advantages"][1, 1]
+    assert with_kl["advantages"][2, 0] < 0 < with_kl["advantages"][3, 1]
+
+
+@pytest.mark.parametrize("mode", ["reward", "loss"])
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce++"])
+def test_kl_coef_counts_in_every_advantage_and_kl_mode(tiny_model_dir, tmp_path, advantage, mode):
+    """Every (ppo.advantage, kl.mode) pair passes check_config, and the KL coefficient changes either the
+    advantages (reward mode) or the policy's loss through its KL term (loss mode), as the policy
+    learner assembles it from the experience."""
+    from rlhf.algorithms import total_policy_loss
+
+    cfg = _cfg(tiny_model_dir, tmp_path, f"ppo.advantage={advantage}", f"ppo.kl.mode={mode}", "ppo.kl.estimator=k3")
+    check_config(cfg)
+    losses, advantages = [], []
+    for kl_coef in (0.0, 100.0):
+        experience, _ = _kl_experience(cfg, kl_coef)
+        loss, _ = total_policy_loss(  # the policy learner's call, on its first step (weights unchanged)
+            logprobs=experience["logprobs"], old_logprobs=experience["logprobs"],
+            advantages=experience["advantages"], action_mask=experience["action_mask"],
+            clip_ratio=cfg.ppo.clip_ratio, kl_in_loss=cfg.ppo.kl.mode == "loss",
+            ref_logprobs=experience["ref_logprobs"], kl_coef=kl_coef, kl_estimator=cfg.ppo.kl.estimator,
+        )
+        losses.append(loss)
+        advantages.append(experience["advantages"])
+    advantages_move = not torch.allclose(advantages[0], advantages[1])
+    assert advantages_move == (mode == "reward")  # loss mode: the advantages carry no KL
+    assert advantages_move or not torch.allclose(losses[0], losses[1])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])

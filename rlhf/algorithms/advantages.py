@@ -12,9 +12,9 @@ Critic-free estimators have no value targets; their ``returns`` are the un-norma
 advantages came from (the score broadcast over the response for grpo/rloo, the return-to-go for
 reinforce++), useful for logging only.
 
-grpo and rloo see one score per response. With ``kl.mode: reward`` they would not see the per-token KL
-penalty; either use ``kl.mode: loss`` (as GRPO does) or pass ``scores = token_rewards.sum(-1)`` so the
-summed penalty is part of the outcome (as OpenRLHF's RLOO does).
+grpo and rloo see one score per response. So that they see the per-token KL penalty of ``kl.mode:
+reward``, PPO passes them ``scores = token_rewards.sum(-1)``: the summed penalty is part of the outcome
+(as OpenRLHF's RLOO does). With ``kl.mode: loss`` (as GRPO's paper does) the KL is a loss term instead.
 
 ``compute_advantages(name, **inputs)`` calls an estimator by name and passes it only the inputs it
 takes, so a caller can hand every estimator the same inputs. Whitening afterwards
