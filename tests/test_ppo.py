@@ -273,3 +273,84 @@ def test_a_checkpoint_sharded_otherwise_is_refused_before_any_actor_starts(tiny_
         check_resume_optimizers(tmp_path, {"optimizer_layout": other}, cfg)
     # A checkpoint from before optimiser states were saved resumes with fresh ones (logged).
     assert check_resume_optimizers(tmp_path, {}, cfg) is False
+
+
+# ---- The learners' loss weighting on real DeepSpeed ranks (no Ray) ---------------------------------
+
+TOKEN_WEIGHTED_STEP = """
+import sys, torch
+from actors.group import Learner
+from rlhf.algorithms import masked_mean
+from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
+
+rank, world, port = map(int, sys.argv[1:])
+lengths = [2 + (28 * i) // 15 for i in range(16)]  # response tokens of 16 rows, after a 1-token prompt
+generator = torch.Generator().manual_seed(0)
+input_ids = torch.randint(0, 50, (16, 32), generator=generator)
+action_mask = torch.arange(31) < torch.tensor(lengths).unsqueeze(-1)
+attention_mask = torch.arange(32) <= torch.tensor(lengths).unsqueeze(-1)
+targets = torch.rand(16, 31, generator=generator)
+
+def token_losses(model, next_tokens, targets):  # per-token squared error of a 1-d embedding of the token
+    return (model(next_tokens)[..., 0] - targets).square()
+
+learner = Learner()
+learner.init_distributed(rank, world, "127.0.0.1", port, threads=1)
+torch.manual_seed(0)
+model = torch.nn.Embedding(50, 1)
+reference = torch.nn.Embedding(50, 1)
+reference.load_state_dict(model.state_dict())
+learner._initialize(model, learning_rate=0.1, ds=DeepSpeedConfig(zero_stage=0),
+                    algo=PPOAlgoConfig(micro_batch_size=4, grad_accum=4 // world), bf16=False)
+assert learner.engine.enable_backward_allreduce is (world > 1)  # one rank: the custom no-all-reduce path
+learner.algo, learner.seed = PPOAlgoConfig(micro_batch_size=4, grad_accum=4 // world), 0
+learner._use_shared_prompts(False)
+
+rows = list(torch.arange(16).chunk(world)[rank].tolist())
+experience = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows].long(),
+              "action_mask": action_mask[rows], "targets": targets[rows]}
+grads, step = [], learner._step
+
+def capture():  # the gradient the optimiser sees, after DeepSpeed's scaling and all-reduce
+    if learner.engine.is_gradient_accumulation_boundary():
+        grads.append(model.weight.grad.detach().clone())
+    return step()
+
+learner._step = capture
+
+def micro_loss(batch, window, shared, *, weight, step_index, micro_index):
+    start, stop = window
+    losses = token_losses(learner.engine, batch["input_ids"][:, start + 1:stop + 1], batch["targets"])
+    return weight * masked_mean(losses, batch["action_mask"]), {}
+
+schedule = learner._schedule(experience, 0)
+assert len(schedule) == 1 and len(schedule[0]) == 4 // world
+learner._train_steps(experience, schedule, micro_loss, "test")
+masked_mean(token_losses(reference, input_ids[:, 1:], targets), action_mask).backward()
+assert len(grads) == 1 and torch.allclose(grads[0], reference.weight.grad, atol=1e-6), (grads, reference.weight.grad)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2])
+def test_learner_step_gradient_is_the_mean_over_all_its_response_tokens(world):
+    """16 responses of 2..30 tokens, micro-batches of 4 grouped by length, 4 per optimiser step in all
+    (on one rank, or 2 on each of two): the gradient DeepSpeed hands the optimiser is that of the mean
+    over all 16 responses' tokens, through its grad_accum division, the one-rank path without
+    all-reduce, and the two-rank gradient average."""
+    import os
+    import subprocess
+    import sys
+
+    from actors.group import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    ranks = [subprocess.Popen([sys.executable, "-c", TOKEN_WEIGHTED_STEP, str(rank), str(world), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in range(world)]
+    for process in ranks:
+        out, err = process.communicate(timeout=280)
+        assert process.returncode == 0 and out.strip().endswith("ok"), err[-3000:]

@@ -1,17 +1,23 @@
 """The PPO losses: clipped policy loss, clipped value loss, entropy, KL-in-loss, PTX, and their sum.
 
-All losses are token means over the valid response tokens of a micro-batch (``masked_mean`` over the
-whole (batch, seq) tensor), so every response token weighs the same.
+Each loss is a token mean over the valid response tokens of one micro-batch (``masked_mean`` over
+the whole (batch, seq) tensor), so within a micro-batch every response token weighs the same. Across
+the micro-batches of an optimiser step (and across ranks) the learners multiply each micro-batch's
+per-token terms by ``token_weight``, its share of the step's response tokens
+(``rlhf.algorithms.batching.token_loss_weight``), so that every token of the step weighs the same
+however the micro-batches are cut.
 
 The policy's objective, as :func:`total_policy_loss` assembles it (minimised):
 
-    loss = pg_loss                                   PPO clipped surrogate (+ dual clip)
-         + kl_coef * kl_loss        if kl_in_loss    (kl.mode: loss; in reward mode the KL is already
-                                                      in the rewards, hence in the advantages)
-         - entropy_coef * entropy                    entropy bonus: higher entropy, lower loss
-         + ptx_coef * ptx_loss                       LM loss on a pretraining/SFT batch (InstructGPT)
+    loss = token_weight * ( pg_loss                          PPO clipped surrogate (+ dual clip)
+                          + kl_coef * kl_loss   if kl_in_loss  (kl.mode: loss; in reward mode the KL
+                                                               is in the rewards, hence the advantages)
+                          - entropy_coef * entropy )         entropy bonus: higher entropy, lower loss
+         + ptx_coef * ptx_loss                               LM loss on a pretraining/SFT micro-batch
+                                                             (InstructGPT): a mean over micro-batches,
+                                                             not weighted by the policy's tokens
 
-The critic's loss is :func:`value_loss` alone.
+The critic's loss is :func:`value_loss` alone (times the same ``token_weight``).
 """
 
 from __future__ import annotations
@@ -181,20 +187,23 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
                       kl_in_loss: bool = False, ref_logprobs: torch.Tensor | None = None,
                       kl_coef: float = 0.0, kl_estimator: KLEstimator = "k3",
                       entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                      ptx: torch.Tensor | None = None,
-                      ptx_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                      ptx: torch.Tensor | None = None, ptx_coef: float = 0.0,
+                      token_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's whole loss for one micro-batch, assembled as in the module docstring.
 
     logprobs, old_logprobs, advantages, action_mask (batch, seq): as for :func:`policy_loss`.
     kl_in_loss: add ``kl_coef * kl_loss(logprobs, ref_logprobs, action_mask, kl_estimator)``
     (needs ref_logprobs (batch, seq)). entropy (batch, seq): :func:`entropy_from_logits` of the
     policy's logits at the same positions (needed when entropy_coef > 0). ptx: a scalar
-    :func:`ptx_loss` on a pretraining/SFT batch (needed when ptx_coef > 0).
+    :func:`ptx_loss` on a pretraining/SFT batch (needed when ptx_coef > 0). token_weight: multiplies
+    the per-token terms (policy, KL, entropy) but not the PTX term
+    (``rlhf.algorithms.batching.token_loss_weight``; 1 for a lone micro-batch).
 
     Returns (scalar loss, stats) with stats named as the metrics are: ``loss/policy`` (the clipped
     surrogate), ``loss/policy_total``, ``policy/clipfrac``, ``policy/approx_kl``,
     ``policy/ratio_mean`` (``policy/dual_clipfrac``), ``loss/kl`` and ``loss/ptx`` when
-    their terms are on, ``policy/entropy`` whenever ``entropy`` is given.
+    their terms are on, ``policy/entropy`` whenever ``entropy`` is given. The stats are the
+    micro-batch's own means, before ``token_weight``.
     """
     pg, pg_stats = policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_ratio, dual_clip)
     stats = {"loss/policy": float(pg.detach())}
@@ -213,10 +222,14 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
         if entropy_coef > 0:
             loss = loss - entropy_coef * mean_entropy
         stats["policy/entropy"] = float(mean_entropy.detach())
+    total = loss
+    loss = token_weight * loss
     if ptx_coef > 0:
         if ptx is None:
             raise ValueError("ptx_coef > 0 needs ptx, the ptx_loss of a pretraining/SFT batch")
+        # The PTX micro-batch is its own token mean: it weighs the same in every policy micro-batch.
         loss = loss + ptx_coef * ptx
+        total = total + ptx_coef * ptx
         stats["loss/ptx"] = float(ptx.detach())
-    stats["loss/policy_total"] = float(loss.detach())
+    stats["loss/policy_total"] = float(total.detach())
     return loss, stats
