@@ -51,18 +51,17 @@ class CriticLearner(Learner):
 
     def train(self, experience: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
         """Clipped value regression towards ``returns``. Keys: input_ids, attention_mask, action_mask,
-        values (when the experience was made), returns."""
+        values (when the experience was made), returns. Each optimiser step minimises the mean over
+        all its response tokens on all ranks (``Learner._train_steps``)."""
         algo = self.algo
-        schedule = self._schedule(experience, iteration)
         self.engine.train()
-        stats, skipped = [], 0
-        for optimizer_step in schedule:
-            for micro in optimizer_step:
-                batch, window, shared = self._micro_batch(experience, micro.indices)
-                values = next_token_values(self.engine.module, batch, window, shared)
-                loss, micro_stats = value_loss(values, batch["values"], batch["returns"], batch["action_mask"],
-                                               algo.value_clip)
-                self.engine.backward(loss)
-                skipped += not self._step()
-                stats.append({"loss/value": float(loss.detach()), **{f"critic/{k}": v for k, v in micro_stats.items()}})
+
+        def micro_loss(batch, window, shared, *, weight, step_index, micro_index):
+            values = next_token_values(self.engine.module, batch, window, shared)
+            loss, micro_stats = value_loss(values, batch["values"], batch["returns"], batch["action_mask"],
+                                           algo.value_clip)
+            stats = {"loss/value": float(loss.detach()), **{f"critic/{k}": v for k, v in micro_stats.items()}}
+            return weight * loss, stats
+
+        stats, skipped = self._train_steps(experience, self._schedule(experience, iteration), micro_loss, "critic")
         return {**mean_stats(stats), "critic/skipped_steps": float(skipped), **self._token_stats("critic")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,7 +104,8 @@ class Learner:
     def _schedule(self, experience: dict[str, torch.Tensor], iteration: int) -> list:
         """This call's optimiser steps and micro-batches (``ppo_schedule``), shuffled by seed and
         iteration; micro-batches group sequences of similar length, so each carries little padding.
-        With shared prompts the responses to one prompt stay together, so that it is read once."""
+        With shared prompts the responses to one prompt stay together, so that it is read once.
+        Each micro-batch counts its response tokens, the tokens its losses average over."""
         from rlhf.algorithms import ppo_schedule, prompt_groups
 
         algo = self.algo
@@ -111,7 +113,52 @@ class Learner:
                                experience["action_mask"]) if self.share_prompts else None
         return ppo_schedule(experience["input_ids"].shape[0], algo.micro_batch_size, epochs=algo.epochs,
                             seed=self.seed + iteration, grad_accum=algo.grad_accum,
-                            lengths=experience["attention_mask"].sum(-1).tolist(), groups=groups)
+                            lengths=experience["attention_mask"].sum(-1).tolist(), groups=groups,
+                            tokens=experience["action_mask"].sum(-1).tolist())
+
+    def _step_tokens(self, schedule: list) -> list[int]:
+        """Response tokens of each optimiser step of ``schedule``, summed over all ranks: one
+        all_reduce for the whole schedule (every rank has as many steps: check_config makes the
+        samples a multiple of micro_batch_size x grad_accum x workers)."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([sum(micro.tokens for micro in step) for step in schedule], dtype=torch.long,
+                              device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        return counts.tolist()
+
+    def _train_steps(self, experience: dict[str, torch.Tensor], schedule: list, micro_loss: Callable,
+                     role: str) -> tuple[list[dict[str, float]], int]:
+        """Train on ``schedule`` (:meth:`_schedule`): per micro-batch one ``engine.backward`` of
+        ``micro_loss(batch, window, shared, weight=, step_index=, micro_index=) -> (loss, stats)``
+        on its rows (:meth:`_micro_batch`), and ``_step``. Returns every micro-batch's stats (the
+        last of each step with ``<role>/grad_norm`` where DeepSpeed computes one) and how many
+        optimiser steps were skipped for non-finite gradients.
+
+        ``micro_loss`` multiplies its token-mean terms by ``weight``, the micro-batch's share of its
+        step's response tokens on all ranks (``token_loss_weight``, undoing DeepSpeed's division by
+        grad_accum and its average over ranks): every response token of a step then weighs the same,
+        in a micro-batch of short responses or of long ones, on this rank or another."""
+        from rlhf.algorithms import token_loss_weight
+
+        step_tokens = self._step_tokens(schedule)
+        grad_accum = self.engine.gradient_accumulation_steps()  # what engine.backward divides by
+        stats, skipped, micro_index = [], 0, 0
+        for step_index, (optimizer_step, tokens) in enumerate(zip(schedule, step_tokens)):
+            for micro in optimizer_step:
+                batch, window, shared = self._micro_batch(experience, micro.indices)
+                weight = token_loss_weight(micro.tokens, tokens, grad_accum=grad_accum, world=self.world_size)
+                loss, micro_stats = micro_loss(batch, window, shared, weight=weight, step_index=step_index,
+                                               micro_index=micro_index)
+                self.engine.backward(loss)
+                skipped += not self._step()
+                stats.append(micro_stats)
+                micro_index += 1
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                stats[-1][f"{role}/grad_norm"] = float(grad_norm)
+        return stats, skipped
 
     def _micro_batch(self, experience: dict[str, torch.Tensor], indices: list[int]) -> tuple:
         """Rows ``indices`` of ``experience`` cut to their scored window (``crop_to_window``: no

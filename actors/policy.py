@@ -76,7 +76,9 @@ class PolicyLearner(Learner):
         """PPO epochs over this rank's experience. Keys: input_ids, attention_mask, action_mask,
         logprobs (behaviour policy, from the engine), advantages, and ref_logprobs when KL is in the loss.
         With ``ppo.ptx_coef > 0``, ``ptx_batches`` holds one SFT micro-batch (``collate_sft`` layout)
-        per policy micro-batch of this call, in training order."""
+        per policy micro-batch of this call, in training order. Each optimiser step minimises the
+        mean over all its response tokens on all ranks (``Learner._train_steps``), plus the PTX
+        loss averaged over its micro-batches."""
         algo = self.algo
         schedule = self._schedule(experience, iteration)
         micro_count = sum(len(step) for step in schedule)
@@ -84,37 +86,30 @@ class PolicyLearner(Learner):
             raise ValueError(f"ppo.ptx_coef > 0: expected {micro_count} PTX micro-batches (one per policy "
                              f"micro-batch), got {0 if ptx_batches is None else len(ptx_batches)}")
         self.engine.train()
-        stats, diffs = [], []
-        micro_index = skipped = 0
-        for step_index, optimizer_step in enumerate(schedule):
-            for micro in optimizer_step:
-                batch, window, shared = self._micro_batch(experience, micro.indices)  # logits only where responses are
-                logprobs, logits = self._forward(batch, window, shared)
-                mask = batch["action_mask"]
-                if algo.entropy_coef > 0:
-                    entropy = entropy_from_logits(logits)
-                else:  # a statistic only: no gradient, and on response tokens alone
-                    with torch.no_grad():
-                        entropy = torch.zeros_like(logprobs).masked_scatter(mask, entropy_from_logits(logits[mask]))
-                ptx = self._ptx_loss(ptx_batches[micro_index]) if algo.ptx_coef > 0 else None
-                micro_index += 1
-                loss, micro_stats = total_policy_loss(
-                    logprobs=logprobs, old_logprobs=batch["logprobs"], advantages=batch["advantages"],
-                    action_mask=mask, clip_ratio=algo.clip_ratio, dual_clip=algo.dual_clip,
-                    kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
-                    kl_coef=kl_coef, kl_estimator=algo.kl.estimator,
-                    entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx, ptx_coef=algo.ptx_coef,
-                )
-                self.engine.backward(loss)
-                skipped += not self._step()
-                if step_index == 0:
-                    # Before the first update the learner's weights are the engine's: any gap is
-                    # numerical mismatch that would silently make PPO off-policy.
-                    diffs.append(logprob_diff(batch["logprobs"], logprobs.detach(), mask))
-                stats.append(micro_stats)
-            grad_norm = self.engine.get_global_grad_norm()
-            if grad_norm is not None:
-                stats[-1]["policy/grad_norm"] = float(grad_norm)
+        diffs = []
+
+        def micro_loss(batch, window, shared, *, weight, step_index, micro_index):
+            logprobs, logits = self._forward(batch, window, shared)  # logits only where responses are
+            mask = batch["action_mask"]
+            if algo.entropy_coef > 0:
+                entropy = entropy_from_logits(logits)
+            else:  # a statistic only: no gradient, and on response tokens alone
+                with torch.no_grad():
+                    entropy = torch.zeros_like(logprobs).masked_scatter(mask, entropy_from_logits(logits[mask]))
+            ptx = self._ptx_loss(ptx_batches[micro_index]) if algo.ptx_coef > 0 else None
+            if step_index == 0:
+                # Before the first update the learner's weights are the engine's: any gap is
+                # numerical mismatch that would silently make PPO off-policy.
+                diffs.append(logprob_diff(batch["logprobs"], logprobs.detach(), mask))
+            return total_policy_loss(
+                logprobs=logprobs, old_logprobs=batch["logprobs"], advantages=batch["advantages"],
+                action_mask=mask, clip_ratio=algo.clip_ratio, dual_clip=algo.dual_clip,
+                kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
+                kl_coef=kl_coef, kl_estimator=algo.kl.estimator,
+                entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx, ptx_coef=algo.ptx_coef, token_weight=weight,
+            )
+
+        stats, skipped = self._train_steps(experience, schedule, micro_loss, "policy")
         result = mean_stats(stats)
         result["rollout/logprob_diff"] = sum(diffs) / len(diffs)
         result["policy/skipped_steps"] = float(skipped)  # optimiser steps dropped for non-finite gradients

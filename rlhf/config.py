@@ -379,7 +379,9 @@ class KLConfig(Section):
 
     coef: float = Field(0.05, ge=0)
     estimator: Literal["k1", "k2", "k3"] = "k1"
-    mode: Literal["reward", "loss"] = Field("reward", description="penalise in the reward or add to the loss")
+    mode: Literal["reward", "loss"] = Field(
+        "reward", description="reward: a per-token penalty in the rewards (grpo/rloo: summed into each "
+        "response's score); loss: a KL term in the policy's loss")
     adaptive: bool = False
     target: float = Field(6.0, gt=0, description="adaptive controller's target KL")
     horizon: int = Field(10000, gt=0)

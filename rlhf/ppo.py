@@ -117,6 +117,10 @@ def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tenso
 
     batch: input_ids, attention_mask (B, T); action_mask, logprobs (B, T-1). ref_logprobs and values
     (B, T-1); scores, ended_with_eos, group_ids (B,).
+
+    The KL coefficient always counts: with ``kl.mode: reward`` the per-token penalty is in
+    ``token_rewards`` (gae, reinforce++) and, summed over the response, in the one score per response
+    that the outcome estimators (grpo, rloo) see; with ``kl.mode: loss`` the policy's loss carries it.
     """
     algo = cfg.ppo
     mask = batch["action_mask"]
@@ -125,9 +129,11 @@ def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tenso
     processed = process_scores(scores, cfg.reward, response_lengths=lengths, ended_with_eos=ended_with_eos,
                                mean=reward_stats[0], std=reward_stats[1])
     token_rewards = shape_rewards(processed, kl, mask, kl_coef, kl_in_reward=algo.kl.mode == "reward")
+    # Outcome estimators see one score per response: the summed token rewards, so that the KL penalty
+    # is part of it (as in OpenRLHF's RLOO). Without the penalty in the rewards this is ``processed``.
     advantages, returns = compute_advantages(
-        algo.advantage, token_rewards=token_rewards, values=values, scores=processed, group_ids=group_ids,
-        action_mask=mask, gamma=algo.gamma, lam=algo.lam,
+        algo.advantage, token_rewards=token_rewards, values=values, scores=token_rewards.sum(-1),
+        group_ids=group_ids, action_mask=mask, gamma=algo.gamma, lam=algo.lam,
     )
     if algo.whiten_advantages and algo.advantage == "gae":
         advantages = whiten(advantages, mask)

@@ -69,6 +69,25 @@ def test_grpo_equal_scores_give_zero_advantage_and_singletons_are_an_error():
         grpo(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]), torch.ones(3, 2))
 
 
+@pytest.mark.parametrize("scores", [
+    # float64: 1e8^2 sums to ~4e16, where float64 spacing is 8, swamping the deviations' 5.
+    1e8 + torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64),
+    # float32, a large group: 1024 squares near 2^48 each round in the float64 sum.
+    (2.0 ** 24 + 2 * (torch.arange(1024, dtype=torch.float64) % 4)).float(),
+], ids=["float64", "float32"])
+def test_grpo_std_keeps_the_spread_of_large_scores(scores):
+    """The group std is computed in two passes (mean, then squared deviations): the one-pass
+    sum(x^2) - n * mean^2 loses the spread of scores far from 0."""
+    group_ids = torch.arange(len(scores)) % 2  # two interleaved groups
+    advantages, _ = grpo(scores, group_ids, torch.ones(len(scores), 1))
+    expected = torch.empty(len(scores), dtype=torch.float64)
+    for group in (0, 1):
+        members = scores[group_ids == group].double()
+        expected[group_ids == group] = (members - members.mean()) / (torch.std(members) + 1e-6)
+    assert expected.abs().max() > 0.5  # the groups do spread
+    torch.testing.assert_close(advantages[:, 0].double(), expected, atol=1e-4, rtol=0)
+
+
 def test_rloo_hand_worked_groups():
     # group 7 [1, 2, 6]: 1 - (2+6)/2 = -3 ; 2 - (1+6)/2 = -1.5 ; 6 - (1+2)/2 = 4.5
     # group 2 [4, 0]:    4 - 0 = 4 ; 0 - 4 = -4

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.algorithms.batching import mean_stats, micro_batches, ppo_schedule, select
+from rlhf.algorithms.batching import mean_stats, micro_batches, ppo_schedule, select, token_loss_weight
 from rlhf.algorithms.losses import (
     entropy_from_logits, kl_loss, masked_mean, policy_loss, ptx_loss, total_policy_loss, value_loss,
 )
@@ -59,6 +59,21 @@ def test_policy_loss_gradient_is_zero_for_clipped_and_padding_tokens():
     loss.backward()
     # unclipped d/dlogp of -A * exp(logp) / 4 = -A * ratio / 4: token 1: -0.5/4, token 2: 1.1/4
     close(logprobs.grad, [[0.0, -0.125, 0.275, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_policy_loss_stays_finite_when_the_log_ratio_overflows_exp(dual_clip):
+    """A log ratio of 100 (exp overflows float32) used to give NaN gradients, even to a token in the
+    clipped branch (0 * inf in exp's backward); clamped to +-LOG_RATIO_LIMIT it stays finite, and the
+    other tokens keep their exact gradient."""
+    logprobs = torch.tensor([[100.0, 100.0, math.log(0.5), -100.0]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 4), torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.ones(1, 4)
+    loss, stats = policy_loss(logprobs, old, adv, mask, clip_ratio=0.2, dual_clip=dual_clip)
+    loss.backward()
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in stats.values())
+    assert torch.isfinite(logprobs.grad).all()
+    # token 2 (ratio 0.5, A 1) unclipped: -A * ratio / 4; the others are clipped or beyond the clamp
+    close(logprobs.grad, [[0.0, 0.0, -0.125, 0.0]])
 
 
 def test_dual_clip_bounds_negative_advantage_losses():
@@ -142,6 +157,14 @@ def test_total_policy_loss_assembles_the_pieces():
     assert stats["loss/policy"] == pytest.approx(0.25) and stats["loss/kl"] == pytest.approx(0.5)
     assert stats["policy/entropy"] == pytest.approx(2.5) and stats["loss/ptx"] == pytest.approx(2.0)
     assert stats["loss/policy_total"] == pytest.approx(1.275) and stats["policy/clipfrac"] == pytest.approx(0.5)
+    weighted, weighted_stats = total_policy_loss(
+        logprobs=logprobs, old_logprobs=OLD, advantages=ADV, action_mask=MASK, clip_ratio=0.2,
+        kl_in_loss=True, ref_logprobs=ref, kl_coef=0.1, kl_estimator="k2",
+        entropy=entropy, entropy_coef=0.01, ptx=torch.tensor(2.0), ptx_coef=0.5, token_weight=3.0,
+    )
+    # token_weight scales the per-token terms (policy, KL, entropy), not the PTX term; stats are unweighted
+    close(weighted, 3.0 * (1.275 - 0.5 * 2.0) + 0.5 * 2.0)
+    assert weighted_stats == stats
     plain, plain_stats = total_policy_loss(logprobs=logprobs, old_logprobs=OLD, advantages=ADV,
                                            action_mask=MASK, clip_ratio=0.2)
     close(plain, 0.25)
@@ -169,6 +192,87 @@ def test_ppo_schedule_groups_micro_batches_into_weighted_steps():
     assert [[mb.loss_weight for mb in step] for step in steps] == [[0.5, 0.5], [1.0], [0.5, 0.5], [1.0]]
     assert [mb.epoch for step in steps for mb in step] == [0, 0, 0, 1, 1, 1]
     assert [mb.indices for step in steps for mb in step] == micro_batches(5, 2, epochs=2, seed=0)
+    # With tokens per item the weight is the micro-batch's share of the step's tokens.
+    tokens = [1, 2, 3, 4, 10]
+    weighted = ppo_schedule(5, 2, epochs=2, seed=0, grad_accum=2, tokens=tokens)
+    assert [[mb.indices for mb in step] for step in weighted] == [[mb.indices for mb in step] for step in steps]
+    for step in weighted:
+        step_tokens = sum(tokens[i] for mb in step for i in mb.indices)
+        for mb in step:
+            assert mb.tokens == sum(tokens[i] for i in mb.indices)
+            assert mb.loss_weight == pytest.approx(mb.tokens / step_tokens)
+    assert weighted[0][0].loss_weight != 0.5
+    with pytest.raises(ValueError, match="tokens has 2 entries for 5 items"):
+        ppo_schedule(5, 2, epochs=1, seed=0, tokens=[1, 2])
+
+
+# The brief's example: 16 responses of 2..30 tokens, micro-batches of 4 grouped by length, 4 per step.
+STEP_LENGTHS = [2 + (28 * i) // 15 for i in range(16)]
+
+
+def _step_token_losses(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses (16, 30) and the response mask of STEP_LENGTHS (right-padded)."""
+    mask = torch.arange(30) < torch.tensor(STEP_LENGTHS).unsqueeze(-1)
+    losses = torch.rand(16, 30, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.where(mask, losses, torch.full_like(losses, NAN)), mask
+
+
+def test_token_weights_make_a_step_the_mean_over_all_its_tokens():
+    losses, mask = _step_token_losses()
+    (step,) = ppo_schedule(16, 4, epochs=1, seed=0, grad_accum=4, lengths=STEP_LENGTHS, tokens=STEP_LENGTHS)
+    by_length = [STEP_LENGTHS[k:k + 4] for k in (0, 4, 8, 12)]
+    assert [sorted(STEP_LENGTHS[i] for i in mb.indices) for mb in step] == by_length
+    means = [masked_mean(losses[mb.indices], mask[mb.indices]) for mb in step]
+    global_mean = masked_mean(losses, mask)
+    weighted = sum(mb.loss_weight * mean for mb, mean in zip(step, means))
+    assert torch.allclose(weighted, global_mean)
+    # The old scheme, each micro-batch's token mean with its share of the items (1/4 each), is not.
+    assert not torch.allclose(sum(mean / len(step) for mean in means), global_mean)
+    # Under DeepSpeed: weight = token share x grad_accum x world; backward divides by grad_accum and the
+    # ranks' gradients are averaged. Two ranks of 8 responses, micro-batches of 4, 2 per step.
+    world, grad_accum = 2, 2
+    ranks = [list(range(rank, 16, world)) for rank in range(world)]
+    schedules = [ppo_schedule(8, 4, epochs=1, seed=rank, grad_accum=grad_accum,
+                              tokens=[STEP_LENGTHS[i] for i in rows]) for rank, rows in enumerate(ranks)]
+    all_ranks = sum(mb.tokens for (step,) in schedules for mb in step)
+    assert all_ranks == sum(STEP_LENGTHS)
+    deepspeed = 0.0
+    for rows, (step,) in zip(ranks, schedules):
+        for mb in step:
+            items = [rows[i] for i in mb.indices]
+            weight = token_loss_weight(mb.tokens, all_ranks, grad_accum=grad_accum, world=world)
+            deepspeed = deepspeed + weight * masked_mean(losses[items], mask[items]) / grad_accum / world
+    assert torch.allclose(deepspeed, global_mean)
+    with pytest.raises(ValueError, match="step_tokens > 0"):
+        token_loss_weight(0, 0)
+
+
+def test_token_weighted_micro_batch_gradients_add_up_to_the_step_token_mean_gradient():
+    """A tiny logits model: per-token cross-entropy of (16, 30) tokens. Accumulating each micro-batch's
+    token-mean loss times its loss_weight gives the gradient of the token mean over the whole step."""
+    _, mask = _step_token_losses()
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(16, 30, 5, generator=generator)
+    targets = torch.randint(0, 7, (16, 30), generator=generator)
+    model = torch.nn.Linear(5, 7)
+
+    def token_mean_loss(rows: list[int]) -> torch.Tensor:
+        logits = model(features[rows])
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[rows], reduction="none")
+        return masked_mean(per_token, mask[rows])
+
+    def gradient(weighted_losses) -> list[torch.Tensor]:
+        model.zero_grad()
+        for loss in weighted_losses:
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    (step,) = ppo_schedule(16, 4, epochs=1, seed=0, grad_accum=4, lengths=STEP_LENGTHS, tokens=STEP_LENGTHS)
+    expected = gradient([token_mean_loss(list(range(16)))])
+    accumulated = gradient(mb.loss_weight * token_mean_loss(mb.indices) for mb in step)
+    old = gradient(token_mean_loss(mb.indices) / len(step) for mb in step)
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(accumulated, expected))
+    assert not all(torch.allclose(a, e, atol=1e-6) for a, e in zip(old, expected))
 
 
 def test_ppo_schedule_with_lengths_regroups_each_step_by_length_only():

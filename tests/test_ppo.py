@@ -94,6 +94,63 @@ def test_make_experience_shapes_and_kl_penalty(tiny_model_dir, tmp_path):
     assert [p["input_ids"].shape[0] for p in parts] == [1, 1]
 
 
+def _kl_experience(cfg, kl_coef):
+    """make_experience on four responses (two prompts x two samples) whose KL to the reference differs
+    from sample to sample, scores equal within each prompt, and critic values 0."""
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    batch = {
+        "input_ids": torch.zeros(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long),
+        "action_mask": mask, "logprobs": torch.full((4, 4), -1.0),
+    }
+    ref = torch.tensor([[-1.5], [-1.0], [-3.0], [-1.2]]).expand(4, 4).clone()  # k1 per token 0.5, 0, 2, 0.2
+    return make_experience(
+        batch, ref_logprobs=ref, values=torch.zeros(4, 4), scores=torch.tensor([1.0, 1.0, 0.0, 0.0]),
+        ended_with_eos=torch.ones(4, dtype=torch.bool), group_ids=torch.tensor([0, 0, 1, 1]), cfg=cfg,
+        kl_coef=kl_coef, reward_stats=(None, None),
+    )
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_outcome_advantages_see_the_kl_penalty_in_reward_mode(tiny_model_dir, tmp_path, advantage):
+    """With kl.mode: reward, grpo and rloo see each response's score minus its summed KL penalty (the
+    scores are equal within each group, so without the penalty every advantage would be 0)."""
+    cfg = _cfg(tiny_model_dir, tmp_path, f"ppo.advantage={advantage}")
+    assert cfg.ppo.kl.mode == "reward"  # the default
+    without, _ = _kl_experience(cfg, 0.0)
+    with_kl, _ = _kl_experience(cfg, 100.0)
+    assert torch.equal(without["advantages"], torch.zeros(4, 4))
+    assert not torch.allclose(with_kl["advantages"], without["advantages"])
+    # Summed KL: 1, 0, 4, 0.6: within each group the sample further from the reference is worse off.
+    assert with_kl["advantages"][0, 1] < 0 < with_kl["advantages"][1, 1]
+    assert with_kl["advantages"][2, 0] < 0 < with_kl["advantages"][3, 1]
+
+
+@pytest.mark.parametrize("mode", ["reward", "loss"])
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce++"])
+def test_kl_coef_counts_in_every_advantage_and_kl_mode(tiny_model_dir, tmp_path, advantage, mode):
+    """Every (ppo.advantage, kl.mode) pair passes check_config, and the KL coefficient changes either the
+    advantages (reward mode) or the policy's loss through its KL term (loss mode), as the policy
+    learner assembles it from the experience."""
+    from rlhf.algorithms import total_policy_loss
+
+    cfg = _cfg(tiny_model_dir, tmp_path, f"ppo.advantage={advantage}", f"ppo.kl.mode={mode}", "ppo.kl.estimator=k3")
+    check_config(cfg)
+    losses, advantages = [], []
+    for kl_coef in (0.0, 100.0):
+        experience, _ = _kl_experience(cfg, kl_coef)
+        loss, _ = total_policy_loss(  # the policy learner's call, on its first step (weights unchanged)
+            logprobs=experience["logprobs"], old_logprobs=experience["logprobs"],
+            advantages=experience["advantages"], action_mask=experience["action_mask"],
+            clip_ratio=cfg.ppo.clip_ratio, kl_in_loss=cfg.ppo.kl.mode == "loss",
+            ref_logprobs=experience["ref_logprobs"], kl_coef=kl_coef, kl_estimator=cfg.ppo.kl.estimator,
+        )
+        losses.append(loss)
+        advantages.append(experience["advantages"])
+    advantages_move = not torch.allclose(advantages[0], advantages[1])
+    assert advantages_move == (mode == "reward")  # loss mode: the advantages carry no KL
+    assert advantages_move or not torch.allclose(losses[0], losses[1])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
@@ -216,3 +273,84 @@ def test_a_checkpoint_sharded_otherwise_is_refused_before_any_actor_starts(tiny_
         check_resume_optimizers(tmp_path, {"optimizer_layout": other}, cfg)
     # A checkpoint from before optimiser states were saved resumes with fresh ones (logged).
     assert check_resume_optimizers(tmp_path, {}, cfg) is False
+
+
+# ---- The learners' loss weighting on real DeepSpeed ranks (no Ray) ---------------------------------
+
+TOKEN_WEIGHTED_STEP = """
+import sys, torch
+from actors.group import Learner
+from rlhf.algorithms import masked_mean
+from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
+
+rank, world, port = map(int, sys.argv[1:])
+lengths = [2 + (28 * i) // 15 for i in range(16)]  # response tokens of 16 rows, after a 1-token prompt
+generator = torch.Generator().manual_seed(0)
+input_ids = torch.randint(0, 50, (16, 32), generator=generator)
+action_mask = torch.arange(31) < torch.tensor(lengths).unsqueeze(-1)
+attention_mask = torch.arange(32) <= torch.tensor(lengths).unsqueeze(-1)
+targets = torch.rand(16, 31, generator=generator)
+
+def token_losses(model, next_tokens, targets):  # per-token squared error of a 1-d embedding of the token
+    return (model(next_tokens)[..., 0] - targets).square()
+
+learner = Learner()
+learner.init_distributed(rank, world, "127.0.0.1", port, threads=1)
+torch.manual_seed(0)
+model = torch.nn.Embedding(50, 1)
+reference = torch.nn.Embedding(50, 1)
+reference.load_state_dict(model.state_dict())
+learner._initialize(model, learning_rate=0.1, ds=DeepSpeedConfig(zero_stage=0),
+                    algo=PPOAlgoConfig(micro_batch_size=4, grad_accum=4 // world), bf16=False)
+assert learner.engine.enable_backward_allreduce is (world > 1)  # one rank: the custom no-all-reduce path
+learner.algo, learner.seed = PPOAlgoConfig(micro_batch_size=4, grad_accum=4 // world), 0
+learner._use_shared_prompts(False)
+
+rows = list(torch.arange(16).chunk(world)[rank].tolist())
+experience = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows].long(),
+              "action_mask": action_mask[rows], "targets": targets[rows]}
+grads, step = [], learner._step
+
+def capture():  # the gradient the optimiser sees, after DeepSpeed's scaling and all-reduce
+    if learner.engine.is_gradient_accumulation_boundary():
+        grads.append(model.weight.grad.detach().clone())
+    return step()
+
+learner._step = capture
+
+def micro_loss(batch, window, shared, *, weight, step_index, micro_index):
+    start, stop = window
+    losses = token_losses(learner.engine, batch["input_ids"][:, start + 1:stop + 1], batch["targets"])
+    return weight * masked_mean(losses, batch["action_mask"]), {}
+
+schedule = learner._schedule(experience, 0)
+assert len(schedule) == 1 and len(schedule[0]) == 4 // world
+learner._train_steps(experience, schedule, micro_loss, "test")
+masked_mean(token_losses(reference, input_ids[:, 1:], targets), action_mask).backward()
+assert len(grads) == 1 and torch.allclose(grads[0], reference.weight.grad, atol=1e-6), (grads, reference.weight.grad)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2])
+def test_learner_step_gradient_is_the_mean_over_all_its_response_tokens(world):
+    """16 responses of 2..30 tokens, micro-batches of 4 grouped by length, 4 per optimiser step in all
+    (on one rank, or 2 on each of two): the gradient DeepSpeed hands the optimiser is that of the mean
+    over all 16 responses' tokens, through its grad_accum division, the one-rank path without
+    all-reduce, and the two-rank gradient average."""
+    import os
+    import subprocess
+    import sys
+
+    from actors.group import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    ranks = [subprocess.Popen([sys.executable, "-c", TOKEN_WEIGHTED_STEP, str(rank), str(world), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in range(world)]
+    for process in ranks:
+        out, err = process.communicate(timeout=280)
+        assert process.returncode == 0 and out.strip().endswith("ok"), err[-3000:]

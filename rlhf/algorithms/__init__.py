@@ -20,7 +20,7 @@ __all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "response_log
 from rlhf.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS, compute_advantages, gae, grpo, needs_critic, reinforce_plus_plus, rloo, whiten,
 )
-from rlhf.algorithms.batching import MicroBatch, mean_stats, micro_batches, ppo_schedule
+from rlhf.algorithms.batching import MicroBatch, mean_stats, micro_batches, ppo_schedule, token_loss_weight
 from rlhf.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller
 from rlhf.algorithms.losses import (
     entropy_from_logits, kl_loss, masked_mean, policy_loss, ptx_loss, total_policy_loss, value_loss,
@@ -32,7 +32,7 @@ from rlhf.algorithms.rewards import (
 __all__ += [
     "ADVANTAGE_ESTIMATORS", "compute_advantages", "gae", "grpo", "needs_critic",
     "reinforce_plus_plus", "rloo", "whiten",
-    "MicroBatch", "mean_stats", "micro_batches", "ppo_schedule",
+    "MicroBatch", "mean_stats", "micro_batches", "ppo_schedule", "token_loss_weight",
     "AdaptiveKLController", "FixedKLController", "kl_estimate", "make_kl_controller",
     "entropy_from_logits", "kl_loss", "masked_mean", "policy_loss", "ptx_loss", "total_policy_loss",
     "value_loss",

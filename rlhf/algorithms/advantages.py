@@ -12,9 +12,9 @@ Critic-free estimators have no value targets; their ``returns`` are the un-norma
 advantages came from (the score broadcast over the response for grpo/rloo, the return-to-go for
 reinforce++), useful for logging only.
 
-grpo and rloo see one score per response. With ``kl.mode: reward`` they would not see the per-token KL
-penalty; either use ``kl.mode: loss`` (as GRPO does) or pass ``scores = token_rewards.sum(-1)`` so the
-summed penalty is part of the outcome (as OpenRLHF's RLOO does).
+grpo and rloo see one score per response. So that they see the per-token KL penalty of ``kl.mode:
+reward``, PPO passes them ``scores = token_rewards.sum(-1)``: the summed penalty is part of the outcome
+(as OpenRLHF's RLOO does). With ``kl.mode: loss`` (as GRPO's paper does) the KL is a loss term instead.
 
 ``compute_advantages(name, **inputs)`` calls an estimator by name and passes it only the inputs it
 takes, so a caller can hand every estimator the same inputs. Whitening afterwards
@@ -131,9 +131,10 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Te
     return advantages, returns
 
 
-def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor,
-                 method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample group sum, group size and group sum of squares. scores, group_ids (batch,)."""
+def _group_sums(scores: torch.Tensor, group_ids: torch.Tensor,
+                method: str) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Per-sample group sum and group size of ``scores``, and a function that sums any other (batch,)
+    values over each sample's group the same way. scores, group_ids (batch,); sums in float64."""
     if scores.dim() != 1 or group_ids.shape != scores.shape:
         raise ValueError(
             f"expected scores and group_ids of shape (batch,), got {tuple(scores.shape)} and "
@@ -145,10 +146,13 @@ def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor,
             f"{method} needs at least 2 samples per group (prompt), but some groups have 1; "
             "sample several responses per prompt (rollout.sampling.n >= 2)"
         )
-    scores = scores.double()  # group sums in float64: the subtractions below cancel a lot
-    sums = torch.zeros(len(counts), dtype=scores.dtype, device=scores.device).index_add_(0, inverse, scores)
-    squares = torch.zeros_like(sums).index_add_(0, inverse, scores.square())
-    return sums[inverse], counts[inverse].to(scores.dtype), squares[inverse]
+
+    def group_sum(values: torch.Tensor) -> torch.Tensor:
+        totals = torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+        return totals[inverse]
+
+    scores = scores.double()  # group sums in float64: the subtractions after them cancel a lot
+    return group_sum(scores), counts[inverse].to(scores.dtype), group_sum
 
 
 def _broadcast(per_sample: torch.Tensor, action_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -165,12 +169,15 @@ def grpo(scores: torch.Tensor, group_ids: torch.Tensor, action_mask: torch.Tenso
     scores (batch,), group_ids (batch,) (equal ids = samples of one prompt), action_mask (batch, seq)
     -> advantages (batch, seq) ``(score - group mean) / (group std + eps)`` on every response token,
     returns (batch, seq) the raw score on every response token. The std is the sample std (n - 1),
-    as TRL and veRL compute it. Groups of one sample are an error.
+    as TRL and veRL compute it, in two passes: ``sqrt(sum((score - mean)^2) / (n - 1))``. Groups of
+    one sample are an error.
     """
-    sums, counts, squares = _group_stats(scores, group_ids, "grpo")
-    mean = sums / counts
-    std = ((squares - counts * mean.square()).clamp(min=0) / (counts - 1)).sqrt()
-    advantages = (scores.double() - mean) / (std + eps)
+    sums, counts, group_sum = _group_sums(scores, group_ids, "grpo")
+    # Two passes, mean first: the one-pass sum(x^2) - n * mean^2 cancels catastrophically when the
+    # scores are large next to their spread (1e8 + [0, 1, 2, 3] in float64 lost a fifth of the std).
+    deviations = scores.double() - sums / counts
+    std = (group_sum(deviations.square()) / (counts - 1)).sqrt()
+    advantages = deviations / (std + eps)
     dtype = torch.promote_types(scores.dtype, torch.float32)
     return _broadcast(advantages, action_mask, dtype), _broadcast(scores, action_mask, dtype)
 
@@ -184,7 +191,7 @@ def rloo(scores: torch.Tensor, group_ids: torch.Tensor,
     ``score_i - (group sum - score_i) / (group size - 1)`` on every response token, returns (batch, seq)
     the raw score on every response token. Groups of one sample (no "others") are an error.
     """
-    sums, counts, _ = _group_stats(scores, group_ids, "rloo")
+    sums, counts, _ = _group_sums(scores, group_ids, "rloo")
     baseline = (sums - scores.double()) / (counts - 1)
     advantages = scores.double() - baseline
     dtype = torch.promote_types(scores.dtype, torch.float32)

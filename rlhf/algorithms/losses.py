@@ -1,17 +1,23 @@
 """The PPO losses: clipped policy loss, clipped value loss, entropy, KL-in-loss, PTX, and their sum.
 
-All losses are token means over the valid response tokens of a micro-batch (``masked_mean`` over the
-whole (batch, seq) tensor), so every response token weighs the same.
+Each loss is a token mean over the valid response tokens of one micro-batch (``masked_mean`` over
+the whole (batch, seq) tensor), so within a micro-batch every response token weighs the same. Across
+the micro-batches of an optimiser step (and across ranks) the learners multiply each micro-batch's
+per-token terms by ``token_weight``, its share of the step's response tokens
+(``rlhf.algorithms.batching.token_loss_weight``), so that every token of the step weighs the same
+however the micro-batches are cut.
 
 The policy's objective, as :func:`total_policy_loss` assembles it (minimised):
 
-    loss = pg_loss                                   PPO clipped surrogate (+ dual clip)
-         + kl_coef * kl_loss        if kl_in_loss    (kl.mode: loss; in reward mode the KL is already
-                                                      in the rewards, hence in the advantages)
-         - entropy_coef * entropy                    entropy bonus: higher entropy, lower loss
-         + ptx_coef * ptx_loss                       LM loss on a pretraining/SFT batch (InstructGPT)
+    loss = token_weight * ( pg_loss                          PPO clipped surrogate (+ dual clip)
+                          + kl_coef * kl_loss   if kl_in_loss  (kl.mode: loss; in reward mode the KL
+                                                               is in the rewards, hence the advantages)
+                          - entropy_coef * entropy )         entropy bonus: higher entropy, lower loss
+         + ptx_coef * ptx_loss                               LM loss on a pretraining/SFT micro-batch
+                                                             (InstructGPT): a mean over micro-batches,
+                                                             not weighted by the policy's tokens
 
-The critic's loss is :func:`value_loss` alone.
+The critic's loss is :func:`value_loss` alone (times the same ``token_weight``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import torch.nn.functional as F
 from rlhf.algorithms.kl import KLEstimator, kl_estimate
 
 IGNORE_INDEX = -100  # label of tokens without loss, PyTorch's default ignore_index (as in rlhf.data)
+
+# exp(log ratio) overflows float32 past ~88 nats, and then even a token in the clipped branch gets a NaN
+# gradient (0 * inf in the backward of exp). Past 20 nats (a ratio of 5e8, as OpenRLHF and veRL clamp)
+# the token is far outside any clip range, so the exact ratio no longer matters, only that it is finite.
+LOG_RATIO_LIMIT = 20.0
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -46,14 +57,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     logprobs (batch, seq) under the policy being trained (with grad), old_logprobs (batch, seq) under
     the policy that sampled, advantages (batch, seq), action_mask (batch, seq) -> (scalar loss, stats):
 
-        ratio = exp(logprobs - old_logprobs)
+        ratio = exp(clamp(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - clip_ratio, 1 + clip_ratio))
         dual clip, only where A_t < 0:  loss_t = min(loss_t, -dual_clip * A_t)
         loss = masked_mean(loss_t)
 
     The dual clip (``dual_clip`` > 1) bounds the loss of a negative-advantage token whose ratio has
     grown large, where plain PPO's loss (and gradient) is unbounded. A token whose loss comes from a
-    clipped branch has zero gradient.
+    clipped branch has zero gradient, and so has one whose log ratio is beyond +-``LOG_RATIO_LIMIT``.
 
     stats: ``clipfrac`` (fraction of valid tokens where the clipped term is taken, i.e. no gradient),
     ``approx_kl`` (k3 estimate of KL(old || new): mean of ``ratio - 1 - log ratio``), ``ratio_mean``,
@@ -71,6 +82,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     valid = action_mask.bool()
     advantages = torch.where(valid, advantages.detach(), torch.zeros_like(advantages))
     log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    log_ratio = log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # exp() stays finite, so does its gradient
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
@@ -175,20 +187,23 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
                       kl_in_loss: bool = False, ref_logprobs: torch.Tensor | None = None,
                       kl_coef: float = 0.0, kl_estimator: KLEstimator = "k3",
                       entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                      ptx: torch.Tensor | None = None,
-                      ptx_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                      ptx: torch.Tensor | None = None, ptx_coef: float = 0.0,
+                      token_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's whole loss for one micro-batch, assembled as in the module docstring.
 
     logprobs, old_logprobs, advantages, action_mask (batch, seq): as for :func:`policy_loss`.
     kl_in_loss: add ``kl_coef * kl_loss(logprobs, ref_logprobs, action_mask, kl_estimator)``
     (needs ref_logprobs (batch, seq)). entropy (batch, seq): :func:`entropy_from_logits` of the
     policy's logits at the same positions (needed when entropy_coef > 0). ptx: a scalar
-    :func:`ptx_loss` on a pretraining/SFT batch (needed when ptx_coef > 0).
+    :func:`ptx_loss` on a pretraining/SFT batch (needed when ptx_coef > 0). token_weight: multiplies
+    the per-token terms (policy, KL, entropy) but not the PTX term
+    (``rlhf.algorithms.batching.token_loss_weight``; 1 for a lone micro-batch).
 
     Returns (scalar loss, stats) with stats named as the metrics are: ``loss/policy`` (the clipped
     surrogate), ``loss/policy_total``, ``policy/clipfrac``, ``policy/approx_kl``,
     ``policy/ratio_mean`` (``policy/dual_clipfrac``), ``loss/kl`` and ``loss/ptx`` when
-    their terms are on, ``policy/entropy`` whenever ``entropy`` is given.
+    their terms are on, ``policy/entropy`` whenever ``entropy`` is given. The stats are the
+    micro-batch's own means, before ``token_weight``.
     """
     pg, pg_stats = policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_ratio, dual_clip)
     stats = {"loss/policy": float(pg.detach())}
@@ -207,10 +222,14 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
         if entropy_coef > 0:
             loss = loss - entropy_coef * mean_entropy
         stats["policy/entropy"] = float(mean_entropy.detach())
+    total = loss
+    loss = token_weight * loss
     if ptx_coef > 0:
         if ptx is None:
             raise ValueError("ptx_coef > 0 needs ptx, the ptx_loss of a pretraining/SFT batch")
+        # The PTX micro-batch is its own token mean: it weighs the same in every policy micro-batch.
         loss = loss + ptx_coef * ptx
+        total = total + ptx_coef * ptx
         stats["loss/ptx"] = float(ptx.detach())
-    stats["loss/policy_total"] = float(loss.detach())
+    stats["loss/policy_total"] = float(total.detach())
     return loss, stats
