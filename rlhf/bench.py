@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rlhf.config import BenchConfig, ModelConfig, RolloutConfig, SamplingConfig, save_config
+from rlhf.paths import claim_dir, write_atomic, write_file
 
 TARGETS = {"ray_vs_vllm": 0.9, "ray_vs_hf": 3.0, "weight_update_s": 1.0}
 QUICK = {"model": "tiny", "prompts": 16, "max_new_tokens": 32, "repeats": 1}
@@ -42,8 +43,7 @@ def run(cfg: BenchConfig, what: str) -> Path:
     """Entry point of ``rlhf bench WHAT``; writes ``rollout.json`` and ``rollout.png`` to ``cfg.output_dir``."""
     if what != "rollout":
         raise ValueError(f"unknown benchmark {what!r}; available: rollout")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(cfg.output_dir, overwrite=cfg.overwrite)
     save_config(cfg, out)
     result = rollout_benchmark(cfg)
     write_report(result, out / "rollout.json")
@@ -423,9 +423,7 @@ def _at_least(value: float | None, target: float) -> bool | None:
 
 def write_report(result: dict, json_path: str | Path) -> tuple[Path, Path]:
     """Write the JSON and a bar chart beside it (same name, ``.png``)."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path = write_atomic(json_path, json.dumps(result, indent=2) + "\n")
     png_path = json_path.with_suffix(".png")
     plot(result, png_path)
     return json_path, png_path
@@ -465,7 +463,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title("weight update of all engines (median)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

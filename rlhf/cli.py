@@ -1,7 +1,7 @@
 """The `rlhf` command.
 
     rlhf models pull default          convert the embedded default model once (cached)
-    rlhf models tiny OUT              write a tiny random Llama for tests and quick demos
+    rlhf models tiny OUT [--overwrite]  write a tiny random Llama for tests and quick demos
     rlhf config show STAGE [-c FILE] [KEY=VALUE ...]
     rlhf STAGE -c FILE [KEY=VALUE ...]     STAGE: sft, rm, pairs, ppo, serve, eval, run
     rlhf serve MODEL_DIR [--host H] [--port P]   (and `rlhf serve --stop`)
@@ -38,10 +38,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.runtime import ActorStartError, ResourceError
     from rlhf.data.errors import DataError
     from rlhf.models.loading import ModelLoadError
+    from rlhf.paths import OutputError
     from rlhf.ppo import PPOStopped
 
     return (ConfigError, DataError, ModelLoadError, ResourceError, ActorStartError, FileNotFoundError,
-            LearnerLostError, NonFiniteWeightsError, PPOStopped)
+            LearnerLostError, NonFiniteWeightsError, PPOStopped, OutputError)
 
 
 def _add_stage_args(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--heads", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true",
+                      help="replace OUT even if rlhf did not make it (deletes everything in it)")
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print a stage's resolved config")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf.models import build_tiny_model
 
             out = build_tiny_model(args.out, hidden_size=args.hidden_size, layers=args.layers,
-                                   heads=args.heads, seed=args.seed)
+                                   heads=args.heads, seed=args.seed, overwrite=args.overwrite)
             print(out)
             return 0
         if args.command == "config":

@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlhf.paths import write_atomic
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and what was expected."""
@@ -244,6 +246,10 @@ class StageConfig(Section):
     """Fields every stage has."""
 
     output_dir: str = "runs/default"
+    overwrite: bool = Field(
+        False, description="allow an output_dir rlhf did not make, and start over in one holding a previous run "
+        "(its outputs are deleted; nothing else is)",
+    )
     seed: int = 42
     ray: RayConfig = Field(default_factory=RayConfig)
     job: JobConfig = Field(default_factory=JobConfig, description="used by `rlhf submit` only")
@@ -865,10 +871,4 @@ def dump_config(config: BaseModel) -> str:
 
 def save_config(config: BaseModel, output_dir: str | Path) -> Path:
     """Write ``<output_dir>/config.yaml`` atomically."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_config(config))
-    tmp.replace(target)
-    return target
+    return write_atomic(Path(output_dir) / "config.yaml", dump_config(config))

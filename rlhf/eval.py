@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import EvalConfig, ModelConfig, RolloutConfig, save_config
-from rlhf.paths import write_atomic
+from rlhf.paths import write_atomic, write_file
 
 log = logging.getLogger("rlhf.eval")
 
@@ -548,10 +548,8 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None, judge_lines: dict[st
         twin.plot(steps, [r["kl/mean"] for r in curves], color="tab:red", label="kl/mean")
         twin.set_ylabel("kl/mean", color="tab:red")
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    write_file(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
     plt.close(figure)
-    tmp.replace(path)
 
 
 def run(cfg: EvalConfig) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from rlhf.config import PairsConfig, save_config
 from rlhf.data.formats import last_user_text
 from rlhf.judge import make_judge
+from rlhf.paths import write_file
 
 log = logging.getLogger("rlhf.pairs")
 
@@ -66,19 +67,18 @@ def select_pairs(prompts: list[str], messages: list[list[dict]], responses: list
 
 def write_pairs(pairs: list[Pair], path: Path) -> Path:
     """JSONL in the prompt/chosen/rejected layout the rm stage reads; written to a temp name first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for pair in pairs:
-            f.write(json.dumps({
-                "prompt": pair.messages if len(pair.messages) > 1 else pair.prompt,
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "chosen_score": round(pair.chosen_score, 4),
-                "rejected_score": round(pair.rejected_score, 4),
-            }) + "\n")
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with tmp.open("w") as f:
+            for pair in pairs:
+                f.write(json.dumps({
+                    "prompt": pair.messages if len(pair.messages) > 1 else pair.prompt,
+                    "chosen": pair.chosen,
+                    "rejected": pair.rejected,
+                    "chosen_score": round(pair.chosen_score, 4),
+                    "rejected_score": round(pair.rejected_score, 4),
+                }) + "\n")
+
+    return write_file(path, write)
 
 
 def run(cfg: PairsConfig) -> Path:

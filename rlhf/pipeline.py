@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import RunConfig, dump_config, save_config
-from rlhf.paths import write_atomic
+from rlhf.paths import claim_dir, write_atomic
 
 log = logging.getLogger("rlhf.pipeline")
 
@@ -143,7 +143,7 @@ def run(cfg: RunConfig) -> Path:
     import importlib
     import json
 
-    out = Path(cfg.output_dir)
+    out = claim_dir(cfg.output_dir, overwrite=cfg.overwrite)
     save_config(cfg, out)
     configs = stage_configs(cfg)
     started = time.perf_counter()

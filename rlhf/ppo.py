@@ -45,7 +45,7 @@ from rlhf.config import ConfigError, PPOConfig, save_config
 from rlhf.data.formats import last_user_text
 from rlhf.data.split import epoch_permutation
 from rlhf.optimizer_state import group_layout
-from rlhf.paths import write_atomic
+from rlhf.paths import remove_ours, replace_dir, write_atomic
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -537,7 +537,7 @@ class PPOTrainer:
         return write_checkpoint(folder, write_models, {
             "iteration": self.iteration, "seed": self.cfg.seed, "kl_controller": self.kl_controller.state_dict(),
             "faults": self.faults, "optimizer_layout": optimizer_layout(self.cfg),
-        })
+        }, overwrite=self.cfg.overwrite)
 
     def learner_groups(self) -> list[tuple[str, object]]:
         return [("policy", self.policy)] + ([("critic", self.critic)] if self.critic else [])
@@ -563,18 +563,16 @@ class PPOTrainer:
         self.placement.remove()
 
 
-def write_checkpoint(folder: Path, write_models: Callable[[Path], None], state: dict) -> Path:
+def write_checkpoint(folder: Path, write_models: Callable[[Path], None], state: dict, *,
+                     overwrite: bool = False) -> Path:
     """A checkpoint written atomically: ``write_models(staging)`` fills ``<folder>.partial``, the state
     file goes in last, then one rename makes it ``folder``. A process killed on the way leaves only the
     ``.partial`` folder, which :func:`checkpoints` ignores and the next save replaces."""
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_models(staging)
-    write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
+    def fill(staging: Path) -> None:
+        write_models(staging)
+        write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
+
+    return replace_dir(folder, fill, overwrite=overwrite)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -584,11 +582,9 @@ def checkpoints(folder: Path) -> list[Path]:
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and any half-written ``.partial`` one
-    next to them."""
-    for old in checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in Path(folder).glob("step_*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
+    next to them (only those rlhf made)."""
+    for old in [*checkpoints(folder)[:-keep], *Path(folder).glob("step_*.partial")]:
+        remove_ours(old)
 
 
 def continue_metrics(path: Path, iteration: int) -> None:
@@ -601,14 +597,10 @@ def continue_metrics(path: Path, iteration: int) -> None:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def copy_folder(source: Path, target: Path) -> Path:
+def copy_folder(source: Path, target: Path, *, overwrite: bool = False) -> Path:
     """Copy a folder under a staging name, then rename: ``target`` is never half written."""
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
+    return replace_dir(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True),
+                       overwrite=overwrite)
 
 
 def load_ptx_data(cfg: PPOConfig, tokenizer) -> list[dict]:
@@ -707,8 +699,9 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
         # final/: merged weights (a plain transformers folder), or the adapter alone with
         # save_adapter_only; with LoRA adapter/ holds the adapter either way (as in rlhf sft).
         if cfg.model.lora is not None:
-            copy_folder(final / ADAPTER_DIR, out / "adapter")
-        return copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final")
+            copy_folder(final / ADAPTER_DIR, out / "adapter", overwrite=cfg.overwrite)
+        return copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final",
+                           overwrite=cfg.overwrite)
     finally:
         logger.close()
         trainer.shutdown()

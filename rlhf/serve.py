@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import ConfigError, ServeConfig
-from rlhf.paths import write_atomic
+from rlhf.paths import claim_dir, write_atomic
 
 log = logging.getLogger("rlhf.serve")
 
@@ -86,7 +86,7 @@ def run(cfg: ServeConfig) -> Path:
         log.warning("binding %s without an API key: anyone who can reach this address can use the model "
                     "(set api_key or $RLHF_API_KEY)", cfg.host)
     _check_port_free(cfg.host, cfg.port)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, overwrite=cfg.overwrite)
 
     started_ray = not ray.is_initialized()
     url = f"http://{cfg.host}:{cfg.port}"

@@ -11,6 +11,7 @@ import torch
 from rlhf.algorithms.losses import ptx_loss
 from rlhf.config import ModelConfig, SFTConfig, save_config
 from rlhf.data.tokenize import IGNORE_INDEX
+from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.sft")
 
@@ -92,5 +93,5 @@ def run(cfg: SFTConfig) -> Path:
     if cfg.sample_prompts and not cfg.save_adapter_only:
         after = generate_samples(str(final), cfg.sample_prompts)
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(cfg.sample_prompts, before, after)]
-        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     return final

