@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import EvalConfig, ModelConfig, RolloutConfig, save_config
+from rlhf.config import EvalConfig, ModelConfig, RolloutConfig
+from rlhf.outputs import StageOutput
 from rlhf.paths import write_atomic, write_file
 
 log = logging.getLogger("rlhf.eval")
@@ -553,10 +554,11 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None, judge_lines: dict[st
 
 
 def run(cfg: EvalConfig) -> Path:
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
+    output = StageOutput(cfg, "eval")  # refuses before anything loads
     result = evaluate(cfg)
+    out = output.begin()
     write_report(result, out, cfg.ppo_metrics)
+    output.finish()
     b, a = result["before"], result["after"]
     versus, gain = result["policy_vs_reference"], result["judge_gain"]
     log.info("eval: judge %.3f -> %.3f (gain %+.3f [%+.3f, %+.3f]), reward %s -> %s, KL %.3f -> %.3f, "

@@ -41,3 +41,14 @@ class MetricsLogger:
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def continue_metrics(path: str | Path, step: int) -> None:
+    """Resuming at ``step`` into a run's own output folder: drop the records of later steps (they are
+    redone), so the series holds every step once. Nothing to do in a fresh folder."""
+    from rlhf.paths import write_atomic
+
+    path = Path(path)
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

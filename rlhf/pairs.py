@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.config import PairsConfig, save_config
+from rlhf.config import PairsConfig
 from rlhf.data.formats import last_user_text
 from rlhf.judge import make_judge
+from rlhf.outputs import StageOutput
 from rlhf.paths import write_file
 
 log = logging.getLogger("rlhf.pairs")
@@ -88,13 +89,13 @@ def run(cfg: PairsConfig) -> Path:
     from rlhf.data import load_prompt_data
     from rlhf.models import load_tokenizer, resolve_model_path
 
+    output = StageOutput(cfg, "pairs")  # refuses before anything loads
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     # Pairs are made from the training prompts; the held-out ones stay unseen for evaluation.
     items, _ = load_prompt_data(cfg.data, tokenizer, seed=cfg.seed, phase=1)
     judge = make_judge(cfg.judge)
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
+    out = output.begin()
 
     init_ray(cfg.ray)
     sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.seed})
@@ -120,4 +121,5 @@ def run(cfg: PairsConfig) -> Path:
     path = write_pairs(pairs, out / PAIRS_FILE)
     gap = sum(p.chosen_score - p.rejected_score for p in pairs) / len(pairs)
     log.info("pairs: wrote %d pairs to %s (mean judge gap %.3f)", len(pairs), path, gap)
+    output.finish()
     return path

@@ -7,8 +7,11 @@
     eval   ppo/final versus sft/final                 -> eval/eval.json, eval.md, eval.png
                                                          (eval.json also copied to <output_dir>)
 
-A stage whose output exists and whose resolved config is unchanged is skipped, so a rerun picks up
-where an interrupted one stopped. ``--quick`` runs the same pipeline on the tiny model in minutes.
+A stage is skipped when its folder holds a finished run (its completion record, ``done.json``) of the
+same resolved config on the same upstream outputs (``rlhf.outputs.is_current``): a rerun picks up
+where an interrupted one stopped, and a change to one stage reruns it and every stage after it that
+reads its output. A stage that reruns starts over in its folder. ``--quick`` runs the same pipeline on
+the tiny model in minutes.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf.config import RunConfig, dump_config, save_config
-from rlhf.paths import claim_dir, write_atomic
+from rlhf.config import RunConfig, save_config
+from rlhf.outputs import is_current
+from rlhf.paths import claim_dir, is_ours, write_atomic
 
 log = logging.getLogger("rlhf.pipeline")
 
@@ -94,7 +98,7 @@ class PeakMemory:
 def stage_configs(cfg: RunConfig) -> dict:
     """Each stage's config with the wiring filled in: paths between stages, seed, Ray."""
     out = Path(cfg.output_dir)
-    common = {"seed": cfg.seed, "ray": cfg.ray}
+    common = {"seed": cfg.seed, "ray": cfg.ray, "overwrite": cfg.overwrite}
     sft_final, rm_final = str(out / "sft" / "final"), str(out / "rm" / "final")
     model = cfg.model
     # PPO is rewarded by the reward model trained here, unless the user named a reward of their own
@@ -132,13 +136,6 @@ def stage_configs(cfg: RunConfig) -> dict:
     }
 
 
-def _done(stage: str, cfg) -> bool:
-    out = Path(cfg.output_dir)
-    product = {"pairs": out / "pairs.jsonl", "eval": out / "eval.json"}.get(stage, out / "final")
-    saved = out / "config.yaml"
-    return product.exists() and saved.is_file() and saved.read_text() == dump_config(cfg)
-
-
 def run(cfg: RunConfig) -> Path:
     import importlib
     import json
@@ -149,10 +146,12 @@ def run(cfg: RunConfig) -> Path:
     started = time.perf_counter()
     stages: dict[str, dict[str, float]] = {}
     for stage, stage_cfg in configs.items():
-        if _done(stage, stage_cfg):
+        if is_current(stage_cfg):
             log.info("%s: up to date in %s, skipping", stage, stage_cfg.output_dir)
             continue
         log.info("%s: starting (output in %s)", stage, stage_cfg.output_dir)
+        # The pipeline's own stage folder: the stage starts over there (a folder rlhf did not make is refused).
+        stage_cfg = stage_cfg.model_copy(update={"overwrite": stage_cfg.overwrite or is_ours(stage_cfg.output_dir)})
         stage_started = time.perf_counter()
         with PeakMemory() as memory:
             importlib.import_module(f"rlhf.{stage}").run(stage_cfg)

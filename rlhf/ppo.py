@@ -41,10 +41,11 @@ import torch
 from rlhf.algorithms import (
     compute_advantages, kl_estimate, make_kl_controller, masked_mean, needs_critic, process_scores, shape_rewards, whiten,
 )
-from rlhf.config import ConfigError, PPOConfig, save_config
+from rlhf.config import ConfigError, PPOConfig
 from rlhf.data.formats import last_user_text
 from rlhf.data.split import epoch_permutation
 from rlhf.optimizer_state import group_layout
+from rlhf.outputs import StageOutput, continue_hint
 from rlhf.paths import remove_ours, replace_dir, write_atomic
 
 log = logging.getLogger("rlhf.ppo")
@@ -587,16 +588,6 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         remove_ours(old)
 
 
-def continue_metrics(path: Path, iteration: int) -> None:
-    """Resuming at ``iteration`` into a run's own output folder: drop the records of later steps (they
-    are redone), so the series holds every step once."""
-    from rlhf.metrics import read_metrics
-
-    if path.is_file():
-        kept = [r for r in read_metrics(path) if r["step"] <= iteration]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
 def copy_folder(source: Path, target: Path, *, overwrite: bool = False) -> Path:
     """Copy a folder under a staging name, then rename: ``target`` is never half written."""
     return replace_dir(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True),
@@ -665,22 +656,23 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
     from tqdm import tqdm
 
     from actors.group import LearnerLostError
-    from rlhf.metrics import MetricsLogger
+    from rlhf.metrics import MetricsLogger, continue_metrics
 
     out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    trainer = PPOTrainer(cfg)
-    if trainer.iteration > 0:
-        continue_metrics(out / "metrics.jsonl", trainer.iteration)
-    logger = MetricsLogger(out, append=trainer.iteration > 0)
+    output = StageOutput(cfg, "ppo", lambda: checkpoints(out / "checkpoints"))  # refuses before anything starts
+    trainer = logger = None
     try:
+        trainer = PPOTrainer(cfg)
+        output.begin()
+        if trainer.iteration > 0:
+            continue_metrics(out / "metrics.jsonl", trainer.iteration)
+        logger = MetricsLogger(out, append=trainer.iteration > 0)
         with tqdm(total=cfg.steps, initial=trainer.iteration, desc="ppo", unit="step") as bar:
             while trainer.iteration < cfg.steps:
                 try:
                     metrics = trainer.step()
                 except LearnerLostError as exc:
-                    saved = checkpoints(out / "checkpoints")
-                    hint = f"resume_from={saved[-1]}" if saved else "no checkpoint yet (save_every sets how often)"
+                    hint = continue_hint(checkpoints(out / "checkpoints"))
                     raise LearnerLostError(f"{exc}; to continue: {hint}") from None
                 logger.log(trainer.iteration, metrics)
                 if on_step is not None:
@@ -700,8 +692,12 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
         # save_adapter_only; with LoRA adapter/ holds the adapter either way (as in rlhf sft).
         if cfg.model.lora is not None:
             copy_folder(final / ADAPTER_DIR, out / "adapter", overwrite=cfg.overwrite)
-        return copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final",
-                           overwrite=cfg.overwrite)
+        policy = copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final",
+                             overwrite=cfg.overwrite)
+        output.finish()
+        return policy
     finally:
-        logger.close()
-        trainer.shutdown()
+        if logger is not None:
+            logger.close()
+        if trainer is not None:
+            trainer.shutdown()

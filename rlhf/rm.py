@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.config import ModelConfig, RMConfig, save_config
+from rlhf.config import ModelConfig, RMConfig
+from rlhf.outputs import StageOutput
 
 log = logging.getLogger("rlhf.rm")
 
@@ -105,12 +106,15 @@ class RewardTask:
 def run(cfg: RMConfig) -> Path:
     from rlhf.data import load_preference_data
     from rlhf.models import load_tokenizer, resolve_model_path
-    from rlhf.training import fit
+    from rlhf.training import checkpoints, fit
 
+    output = StageOutput(cfg, "rm", lambda: checkpoints(cfg.output_dir))  # refuses before anything loads
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_items, eval_items = load_preference_data(cfg.data, tokenizer, seed=cfg.seed, phase=1)
     log.info("rm: %d training and %d held-out pairs", len(train_items), len(eval_items))
-    save_config(cfg, cfg.output_dir)
-    return fit(RewardTask(cfg.margin, cfg.normalize, cfg.head_learning_rate), cfg, model_path=model_path, train_items=train_items,
-               eval_items=eval_items, pad_id=tokenizer.pad_token_id)
+    output.begin()
+    final = fit(RewardTask(cfg.margin, cfg.normalize, cfg.head_learning_rate), cfg, model_path=model_path,
+                train_items=train_items, eval_items=eval_items, pad_id=tokenizer.pad_token_id)
+    output.finish()
+    return final

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from rlhf.algorithms.losses import ptx_loss
-from rlhf.config import ModelConfig, SFTConfig, save_config
+from rlhf.config import ModelConfig, SFTConfig
 from rlhf.data.tokenize import IGNORE_INDEX
+from rlhf.outputs import StageOutput
 from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.sft")
@@ -78,14 +79,14 @@ def generate_samples(model_path: str, prompts: list[str], *, max_new_tokens: int
 def run(cfg: SFTConfig) -> Path:
     from rlhf.data import load_sft_data
     from rlhf.models import load_tokenizer, resolve_model_path
-    from rlhf.training import fit
+    from rlhf.training import checkpoints, fit
 
+    output = StageOutput(cfg, "sft", lambda: checkpoints(cfg.output_dir))  # refuses before anything loads
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_items, eval_items = load_sft_data(cfg.data, tokenizer, seed=cfg.seed, phase=0)
     log.info("sft: %d training and %d held-out examples", len(train_items), len(eval_items))
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
+    out = output.begin()
 
     before = generate_samples(model_path, cfg.sample_prompts) if cfg.sample_prompts else []
     final = fit(SFTTask(), cfg, model_path=model_path, train_items=train_items, eval_items=eval_items,
@@ -94,4 +95,5 @@ def run(cfg: SFTConfig) -> Path:
         after = generate_samples(str(final), cfg.sample_prompts)
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(cfg.sample_prompts, before, after)]
         write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    output.finish()
     return final

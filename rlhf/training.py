@@ -24,7 +24,9 @@ import torch
 
 from rlhf.config import DeepSpeedConfig, OptimConfig, RMConfig, SFTConfig, deep_merge
 from rlhf.data.split import epoch_permutation
-from rlhf.optimizer_state import group_layout, load_optimizer_state, save_optimizer_state, shard_layout
+from rlhf.optimizer_state import (
+    group_layout, load_optimizer_state, optimizer_state_file, save_optimizer_state, shard_layout,
+)
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"  # a resume checkpoint's module weights (ZeRO 0-2; ZeRO-3's are in its masters)
@@ -256,13 +258,14 @@ def _load_resume_checkpoint(engine, scheduler, resume: Path, ctx: WorkerContext,
     return state["step"]
 
 
-def check_resume_checkpoint(resume: Path, cfg: SFTConfig | RMConfig) -> None:
+def check_resume_checkpoint(resume: Path, cfg: SFTConfig | RMConfig) -> int:
     """Before any worker starts: ``resume`` is a checkpoint of this trainer whose optimiser states
-    (sharded per rank) fit the configured ZeRO stage and worker count."""
+    (sharded per rank) fit the configured ZeRO stage and worker count. Returns its step."""
     state_file = resume / STATE_FILE
     if not state_file.is_file():
         raise TrainingError(f"resume_from {resume}: not a checkpoint folder (no {STATE_FILE})")
-    layout = json.loads(state_file.read_text()).get("layout")
+    state = json.loads(state_file.read_text())
+    layout = state.get("layout")
     if layout is None:
         raise TrainingError(f"resume_from {resume}: written by an older version (DeepSpeed pickles), which is not "
                             "loaded: weights load only from safetensors")
@@ -271,6 +274,25 @@ def check_resume_checkpoint(resume: Path, cfg: SFTConfig | RMConfig) -> None:
         raise TrainingError(f"resume_from {resume}: saved with deepspeed.zero_stage={layout['zero_stage']} and "
                             f"scaling.workers={layout['world_size']}, the config gives {now['zero_stage']} and "
                             f"{now['world_size']}; optimiser states are sharded per rank, so resume with the same")
+    return state["step"]
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete resume checkpoints under ``<output_dir>/ray_train``, oldest first: each with its
+    trainer state and, for every rank that state names, the rank's optimiser state (and below ZeRO-3
+    the weights)."""
+    found = []
+    for folder in sorted(Path(output_dir, "ray_train").glob("checkpoint_step_*")):
+        try:
+            layout = json.loads((folder / STATE_FILE).read_text())["layout"]
+            files = [optimizer_state_file(folder / OPTIMIZER_DIR, rank) for rank in range(layout["world_size"])]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if layout["zero_stage"] < 3:
+            files.append(folder / MODEL_FILE)
+        if all(f.is_file() for f in files):
+            found.append(folder)
+    return found
 
 
 def _final_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -420,19 +442,21 @@ def fit(task: Task, cfg: SFTConfig | RMConfig, *, model_path: str, train_items: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.runtime import check_resources, init_ray
+    from rlhf.metrics import continue_metrics
 
     scaling = cfg.scaling
     plan_steps(len(train_items), cfg.optim, scaling.workers)  # fail before starting anything
     if not eval_items:
         raise TrainingError("no held-out examples: set data.eval_path or data.eval_fraction > 0")
-    if cfg.resume_from:
-        check_resume_checkpoint(Path(cfg.resume_from), cfg)
+    resume_step = check_resume_checkpoint(Path(cfg.resume_from), cfg) if cfg.resume_from else 0
 
     init_ray(cfg.ray)
     bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})}
     check_resources([bundle] * scaling.workers, what=f"{task.name} (scaling.workers={scaling.workers})")
 
     output_dir = Path(cfg.output_dir).resolve()
+    if resume_step:  # into this run's own folder, the steps after the checkpoint are redone: logged once
+        continue_metrics(output_dir / "metrics.jsonl", resume_step)
     cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
     trainer = TorchTrainer(
         train_loop,

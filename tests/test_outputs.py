@@ -1,9 +1,14 @@
-"""Writing outputs: rlhf never deletes or overwrites a folder it did not make (rlhf.paths). No Ray here."""
+"""Writing outputs: rlhf never deletes or overwrites a folder it did not make (rlhf.paths), and a rerun
+into a stage's output_dir refuses, continues or starts over, never mixes (rlhf.outputs). No Ray here."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from rlhf.config import load_config
+from rlhf.outputs import DONE_FILE, StageOutput, is_current, upstream_records
 from rlhf.paths import MARKER, OutputError, claim_dir, is_ours, replace_dir, write_atomic
 
 
@@ -92,3 +97,85 @@ def test_write_atomic_into_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(OutputError, match="out is a file, not a folder"):
         write_atomic(tmp_path / "out" / "eval.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _sft(out, *overrides):
+    return load_config("sft", None, [f"output_dir={out}", *overrides])
+
+
+def _previous_run(out, finished=True):
+    """What an sft run leaves: its folder, config, metrics, model, a checkpoint; and a user's file."""
+    claim_dir(out)
+    (out / "config.yaml").write_text("seed: 1\n")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)))
+    replace_dir(out / "final", _fill)
+    (out / "ray_train" / "checkpoint_step_000002").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    if finished:
+        (out / DONE_FILE).write_text("{}")
+
+
+def test_a_rerun_into_a_previous_run_is_refused_naming_how_to_continue_or_start_over(tmp_path):
+    out = tmp_path / "sft"
+    _previous_run(out)
+    with pytest.raises(OutputError) as refused:
+        StageOutput(_sft(out), "sft", lambda: [out / "ray_train" / "checkpoint_step_000002"])
+    message = str(refused.value)
+    assert f"{out} already holds a finished sft run" in message
+    assert f"resume_from={out}/ray_train/checkpoint_step_000002" in message and "overwrite=true" in message
+    assert (out / "metrics.jsonl").read_text().count("step") == 5  # nothing touched
+
+
+def test_overwrite_starts_over_deleting_only_the_previous_runs_outputs(tmp_path):
+    out = tmp_path / "sft"
+    _previous_run(out)
+    output = StageOutput(_sft(out, "overwrite=true"), "sft")
+    output.begin()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.yaml", "notes.txt"]
+    output.finish()
+    assert is_current(_sft(out)) and not is_current(_sft(out, "seed=7"))
+
+
+def test_resuming_from_its_own_checkpoint_continues_and_keeps_the_history(tmp_path):
+    out = tmp_path / "sft"
+    _previous_run(out)
+    output = StageOutput(_sft(out, f"resume_from={out / 'ray_train' / 'checkpoint_step_000002'}"), "sft")
+    output.begin()
+    assert not (out / DONE_FILE).exists()  # not done until it finishes again
+    assert (out / "final" / "weights").is_file() and (out / "metrics.jsonl").read_text().count("step") == 5
+    # What the continued run replaces at its end must be rlhf's: refused now, not after training.
+    (out / "adapter").mkdir()
+    (out / "adapter" / "mine.txt").write_text("x")
+    with pytest.raises(OutputError, match="adapter already exists and was not made by rlhf"):
+        StageOutput(_sft(out, f"resume_from={out / 'ray_train' / 'checkpoint_step_000002'}"), "sft")
+    # A checkpoint of another run is no way to continue this one.
+    other = tmp_path / "other" / "checkpoint_step_000002"
+    other.mkdir(parents=True)
+    with pytest.raises(OutputError, match="already holds an unfinished sft run"):
+        StageOutput(_sft(out, f"resume_from={other}"), "sft")
+
+
+def test_an_interrupted_run_is_not_current(tmp_path):
+    out = tmp_path / "sft"
+    output = StageOutput(_sft(out), "sft")
+    output.begin()
+    (out / "final").mkdir()
+    assert (out / "config.yaml").is_file() and not is_current(_sft(out))  # config and final/, no record
+    output.finish()
+    assert is_current(_sft(out, "overwrite=true"))  # keys that do not change the result are not in it
+
+
+def test_upstream_records_name_every_finished_rlhf_output_a_config_reads(tmp_path):
+    from rlhf.pipeline import stage_configs
+
+    configs = stage_configs(load_config("run", None, [f"output_dir={tmp_path}"]))
+    for stage in ("sft", "pairs", "rm", "ppo"):
+        folder = tmp_path / stage
+        folder.mkdir()
+        (folder / DONE_FILE).write_text(json.dumps({"stage": stage}))
+        (folder / "final").mkdir()
+    (tmp_path / "pairs" / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("{}\n")
+    reads = {stage: sorted({p.split("/")[-2] for p in upstream_records(cfg)}) for stage, cfg in configs.items()}
+    assert reads == {"sft": [], "pairs": ["sft"], "rm": ["pairs", "sft"], "ppo": ["rm", "sft"],
+                     "eval": ["pairs", "ppo", "rm", "sft"]}

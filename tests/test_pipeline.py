@@ -81,3 +81,63 @@ def test_goals_are_met_or_missed_by_the_numbers():
     result = {**_eval_result(0.7, [0.6, 0.8], [0.1, 0.5], 0.85, 64), "goals": bad}
     table = summary_table(result)
     assert "win rate 70.0% [60.0%, 80.0%]" in table and "MISSED" in table and "judge, best of 2" in table
+
+
+STAGE_NAMES = ["sft", "pairs", "rm", "ppo", "eval"]
+
+
+def _stand_in_stages(monkeypatch, ran: list[str], interrupt: str | None = None) -> None:
+    """Each stage of `rlhf run` as a stand-in that keeps its output folder as the real one does
+    (rlhf.outputs.StageOutput) and writes its product; ``interrupt`` stops that stage midway."""
+    import importlib
+    import json
+
+    from rlhf.outputs import StageOutput
+    from rlhf.paths import replace_dir, write_atomic
+
+    def stand_in(stage):
+        def run(cfg):
+            output = StageOutput(cfg, stage)
+            out = output.begin()
+            ran.append(stage)
+            if stage == "eval":
+                write_atomic(out / "eval.json", json.dumps(_eval_result(0.7, [0.6, 0.8], [0.1, 0.5], 0.85, 64)))
+            elif stage == "pairs":
+                write_atomic(out / "pairs.jsonl", "{}\n")
+            else:
+                replace_dir(out / "final", lambda staging: (staging / "config.json").write_text("{}"))
+            if stage == interrupt:
+                raise KeyboardInterrupt
+            output.finish()
+        return run
+
+    for stage in STAGE_NAMES:
+        monkeypatch.setattr(importlib.import_module(f"rlhf.{stage}"), "run", stand_in(stage))
+
+
+def test_a_stage_reruns_with_everything_downstream_of_it_and_an_interrupted_stage_is_not_done(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import run
+
+    def pipeline(*overrides, interrupt=None):
+        ran: list[str] = []
+        _stand_in_stages(monkeypatch, ran, interrupt)
+        run(load_config("run", None, [f"output_dir={tmp_path}", "goals.max_wall_s=null", *overrides]))
+        return ran, json.loads((tmp_path / "run_summary.json").read_text())["skipped"]
+
+    assert pipeline() == (STAGE_NAMES, [])
+    assert pipeline() == ([], STAGE_NAMES)
+    # Only the SFT learning rate changes: every stage reads the SFT model, directly or not.
+    assert pipeline("sft.optim.learning_rate=1e-4") == (STAGE_NAMES, [])
+    # The reward model changes: pairs and sft are current, ppo and eval read the reward model.
+    assert pipeline("sft.optim.learning_rate=1e-4", "rm.margin=0.5") == (["rm", "ppo", "eval"], ["sft", "pairs"])
+    # Interrupted after its config and model were written: not done, so the next run redoes it.
+    with pytest.raises(KeyboardInterrupt):
+        pipeline("sft.optim.learning_rate=1e-4", "rm.margin=0.2", interrupt="rm")
+    assert (tmp_path / "rm" / "config.yaml").is_file() and (tmp_path / "rm" / "final").is_dir()
+    assert pipeline("sft.optim.learning_rate=1e-4", "rm.margin=0.2") == (["rm", "ppo", "eval"], ["sft", "pairs"])
+    assert "goals" in json.loads((tmp_path / "eval.json").read_text())

@@ -12,7 +12,7 @@ from cluster.runtime import ResourceError, init_ray
 from rlhf.config import RayConfig, load_config
 from rlhf.data import DataError
 from rlhf.metrics import read_metrics
-from rlhf.paths import DEFAULT_DATA_DIR
+from rlhf.paths import DEFAULT_DATA_DIR, OutputError
 from rlhf.training import STATE_FILE, TrainingError, check_resume_checkpoint, micro_batch_indices
 
 pytestmark = pytest.mark.timeout(600)
@@ -163,14 +163,21 @@ def test_resume_continues_from_the_same_step_with_the_same_data(ray_local, tiny_
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer" / "rank_00000.safetensors").is_file()
     assert not [p.name for p in checkpoint.rglob("*") if p.suffix in (".pt", ".bin", ".pkl")]
 
-    resumed = tmp_path / "resumed"
-    run(_sft_config(tiny_model_dir, resumed, *common, f"resume_from={checkpoint}"))
     a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_metrics(resumed / "metrics.jsonl")}
-    assert sorted(b) == [3, 4]  # continues at step 3, nothing repeated
+    # A rerun into the finished run's folder mixes nothing: refused before anything loads ...
+    with pytest.raises(OutputError, match=f"{full} already holds a finished sft run.*resume_from={checkpoint}"):
+        run(_sft_config(tiny_model_dir, full, *common))
+    # ... or, from one of its checkpoints, continues there as after an interruption: at step 3, and
+    # the steps it redoes are logged once.
+    run(_sft_config(tiny_model_dir, full, *common, f"resume_from={checkpoint}"))
+    records = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    b = {r["step"]: r for r in records}
+    assert b[2] == a[2] and b[3]["time"] > a[4]["time"]  # kept up to the checkpoint, redone after it
     for step in (3, 4):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-4)
         assert b[step]["train/lr"] == pytest.approx(a[step]["train/lr"])
+    assert (full / "done.json").is_file()
 
 
 @pytest.mark.parametrize("saved, message", [
