@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a stage's rlhf.outputs.Interrupted says how to continue
+        print("; ".join(["interrupted", *filter(None, [str(exc)])]), file=sys.stderr)
         return 130
 
 

@@ -102,6 +102,18 @@ def continue_hint(checkpoints: list[Path], key: str = "resume_from") -> str:
     return f"{key}={checkpoints[-1]}" if checkpoints else "no checkpoint yet (save_every sets how often)"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage that writes checkpoints; ``str()`` says how to continue. ``key`` is the
+    override that names the checkpoint (``rlhf run`` prefixes the stage: ``sft.resume_from``)."""
+
+    def __init__(self, checkpoints: list[Path], key: str = "resume_from") -> None:
+        super().__init__()
+        self.checkpoints, self.key = checkpoints, key
+
+    def __str__(self) -> str:
+        return f"to continue: {continue_hint(self.checkpoints, self.key)}"
+
+
 class StageOutput:
     """One run's use of a stage's output_dir (see the module docstring). ``checkpoints()`` lists the
     complete checkpoints under it, oldest first, for stages that can resume."""
@@ -158,5 +170,5 @@ class StageOutput:
         }, indent=2) + "\n")
 
 
-__all__ = ["DONE_FILE", "RUN_OUTPUTS", "OutputError", "StageOutput", "config_digest",
+__all__ = ["DONE_FILE", "RUN_OUTPUTS", "Interrupted", "OutputError", "StageOutput", "config_digest",
            "continue_hint", "is_current", "record_digest", "upstream_records"]

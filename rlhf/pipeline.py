@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import RunConfig, save_config
-from rlhf.outputs import is_current
+from rlhf.outputs import Interrupted, is_current
 from rlhf.paths import claim_dir, is_ours, write_atomic
 
 log = logging.getLogger("rlhf.pipeline")
@@ -153,8 +153,12 @@ def run(cfg: RunConfig) -> Path:
         # The pipeline's own stage folder: the stage starts over there (a folder rlhf did not make is refused).
         stage_cfg = stage_cfg.model_copy(update={"overwrite": stage_cfg.overwrite or is_ours(stage_cfg.output_dir)})
         stage_started = time.perf_counter()
-        with PeakMemory() as memory:
-            importlib.import_module(f"rlhf.{stage}").run(stage_cfg)
+        try:
+            with PeakMemory() as memory:
+                importlib.import_module(f"rlhf.{stage}").run(stage_cfg)
+        except Interrupted as exc:
+            exc.key = f"{stage}.resume_from"  # how to continue through `rlhf run`
+            raise
         stages[stage] = {"wall_s": round(time.perf_counter() - stage_started, 1),
                          "peak_memory_gib": round(memory.peak_gib, 2), "peak_rss_sum_gib": round(memory.peak_rss_gib, 2)}
         log.info("%s: done in %.0f s, peak memory %.2f GiB (PSS)", stage, stages[stage]["wall_s"],

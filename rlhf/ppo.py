@@ -45,7 +45,7 @@ from rlhf.config import ConfigError, PPOConfig
 from rlhf.data.formats import last_user_text
 from rlhf.data.split import epoch_permutation
 from rlhf.optimizer_state import group_layout
-from rlhf.outputs import StageOutput, continue_hint
+from rlhf.outputs import Interrupted, StageOutput, continue_hint
 from rlhf.paths import remove_ours, replace_dir, write_atomic
 
 log = logging.getLogger("rlhf.ppo")
@@ -696,6 +696,8 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
                              overwrite=cfg.overwrite)
         output.finish()
         return policy
+    except KeyboardInterrupt:
+        raise Interrupted(checkpoints(out / "checkpoints")) from None
     finally:
         if logger is not None:
             logger.close()

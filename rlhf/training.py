@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,6 +444,7 @@ def fit(task: Task, cfg: SFTConfig | RMConfig, *, model_path: str, train_items: 
 
     from cluster.runtime import check_resources, init_ray
     from rlhf.metrics import continue_metrics
+    from rlhf.outputs import Interrupted
 
     scaling = cfg.scaling
     plan_steps(len(train_items), cfg.optim, scaling.workers)  # fail before starting anything
@@ -477,7 +479,32 @@ def fit(task: Task, cfg: SFTConfig | RMConfig, *, model_path: str, train_items: 
         torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(name="ray_train", storage_path=str(output_dir)),
     )
-    result = trainer.fit()
+    try:
+        result = _fit_on_a_thread(trainer)
+    except KeyboardInterrupt:
+        raise Interrupted(checkpoints(output_dir)) from None
     if result.error:
         raise TrainingError(f"{task.name} training failed: {result.error}")
     return output_dir / "final"
+
+
+def _fit_on_a_thread(trainer):
+    """``trainer.fit()`` on a helper thread, so that Ctrl-C stays ours: on the main thread Ray Train
+    installs its own SIGINT handler, which aborts the run and exits with status 1 and no word. Here
+    Ctrl-C raises ``KeyboardInterrupt`` in the waiting main thread; the training itself stops when the
+    process exits (``rlhf sft`` and ``rlhf rm`` exit at once, with status 130)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

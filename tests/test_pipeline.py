@@ -92,7 +92,7 @@ def _stand_in_stages(monkeypatch, ran: list[str], interrupt: str | None = None) 
     import importlib
     import json
 
-    from rlhf.outputs import StageOutput
+    from rlhf.outputs import Interrupted, StageOutput
     from rlhf.paths import replace_dir, write_atomic
 
     def stand_in(stage):
@@ -106,8 +106,8 @@ def _stand_in_stages(monkeypatch, ran: list[str], interrupt: str | None = None) 
                 write_atomic(out / "pairs.jsonl", "{}\n")
             else:
                 replace_dir(out / "final", lambda staging: (staging / "config.json").write_text("{}"))
-            if stage == interrupt:
-                raise KeyboardInterrupt
+            if stage == interrupt:  # as Ctrl-C in a stage with checkpoints
+                raise Interrupted([out / "checkpoint_step_000002"])
             output.finish()
         return run
 
@@ -136,7 +136,7 @@ def test_a_stage_reruns_with_everything_downstream_of_it_and_an_interrupted_stag
     # The reward model changes: pairs and sft are current, ppo and eval read the reward model.
     assert pipeline("sft.optim.learning_rate=1e-4", "rm.margin=0.5") == (["rm", "ppo", "eval"], ["sft", "pairs"])
     # Interrupted after its config and model were written: not done, so the next run redoes it.
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=rf"to continue: rm.resume_from={tmp_path}/rm/checkpoint_step_000002"):
         pipeline("sft.optim.learning_rate=1e-4", "rm.margin=0.2", interrupt="rm")
     assert (tmp_path / "rm" / "config.yaml").is_file() and (tmp_path / "rm" / "final").is_dir()
     assert pipeline("sft.optim.learning_rate=1e-4", "rm.margin=0.2") == (["rm", "ppo", "eval"], ["sft", "pairs"])

@@ -262,3 +262,78 @@ def test_a_lora_reward_model_scores_like_its_classification_output(tiny_model_di
         scores = sequence_scores(model, input_ids, torch.ones_like(input_ids))
         expected = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.squeeze(-1)
     torch.testing.assert_close(scores, expected)
+
+
+class _RayTrainOnTheDriver:
+    """Ray Train's TorchTrainer as the driver sees it, for Ctrl-C: called on the main thread, ``fit``
+    installs Ray Train's own SIGINT handler (which aborts the run and ends the process with status 1
+    and no message: ``sys.exit(1)`` here), then waits for the workers, which write checkpoints."""
+
+    started = stop = None  # threading.Events: fit has started; the test has ended
+
+    def __init__(self, *args, train_loop_config, **kwargs) -> None:
+        self.output_dir = train_loop_config["cfg"].output_dir
+
+    def fit(self):
+        import signal
+        import sys
+        import threading
+        from pathlib import Path
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, lambda *_: sys.exit(1))
+        self.started.set()
+        for step, complete in ((2, True), (4, False)):  # the step-4 checkpoint is still being written
+            folder = Path(self.output_dir) / "ray_train" / f"checkpoint_step_{step:06d}"
+            (folder / "optimizer").mkdir(parents=True)
+            (folder / STATE_FILE).write_text(json.dumps({"step": step, "layout": {"zero_stage": 2, "world_size": 1}}))
+            if complete:
+                (folder / "optimizer" / "rank_00000.safetensors").write_text("")
+                (folder / "model.safetensors").write_text("")
+        self.stop.wait(60)
+
+
+def test_ctrl_c_during_sft_says_interrupted_and_how_to_continue(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import threading
+    import time
+
+    import cluster.runtime
+    import ray.train.torch
+
+    from rlhf.cli import main
+
+    _RayTrainOnTheDriver.started, _RayTrainOnTheDriver.stop = threading.Event(), threading.Event()
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _RayTrainOnTheDriver)
+    monkeypatch.setattr(cluster.runtime, "init_ray", lambda *_: None)
+    monkeypatch.setattr(cluster.runtime, "check_resources", lambda *_, **__: None)
+    out = tmp_path / "sft"
+    argv = ["sft", f"model.path={tiny_model_dir}", f"output_dir={out}", "sample_prompts=[]", "data.max_records=64",
+            "scaling.workers=1", "optim.batch_size=8"]
+    previous = signal.getsignal(signal.SIGINT)
+
+    def press_ctrl_c():
+        _RayTrainOnTheDriver.started.wait(120)
+        time.sleep(0.5)  # the checkpoints are written
+        if not _RayTrainOnTheDriver.stop.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ctrl_c = threading.Thread(target=press_ctrl_c, daemon=True)
+    try:
+        ctrl_c.start()
+        status = main(argv)
+    finally:
+        _RayTrainOnTheDriver.stop.set()
+        _RayTrainOnTheDriver.started.set()
+        ctrl_c.join()
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert status == 130, err
+    assert f"interrupted; to continue: resume_from={out}/ray_train/checkpoint_step_000002" in err
+    assert not (out / "done.json").exists()
+    # Run again as it was: refused, with the same way to continue and the way to start over.
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds an unfinished sft run" in err and "checkpoint_step_000002" in err
+    assert "overwrite=true" in err
