@@ -125,7 +125,9 @@ def test_report_files(tmp_path):
                     "reward_after": [0.3, 0.3]},
     }
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10, "kl/mean": s / 20}) + "\n" for s in (1, 2)))
+    records = [{"step": 0, "eval/judge": 0.1}]  # a PPO run's step 0: its held-out evaluation alone
+    records += [{"step": s, "reward/mean": s / 10, "kl/mean": s / 20} for s in (1, 2)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     write_report(result, tmp_path, str(metrics))
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["after"]["judge"] == 0.4 and "_scores" not in saved
