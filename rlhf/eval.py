@@ -522,6 +522,7 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None, judge_lines: dict[st
     import matplotlib.pyplot as plt
 
     from rlhf.metrics import read_metrics
+    from rlhf.plots import save_figure, series
 
     curves = read_metrics(ppo_metrics) if ppo_metrics and Path(ppo_metrics).is_file() else []
     columns = 2 if curves else 1
@@ -540,18 +541,15 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None, judge_lines: dict[st
         next_axis = 2
     if curves:
         ax = axes[next_axis]
-        steps = [r["step"] for r in curves]
-        ax.plot(steps, [r["reward/mean"] for r in curves], color="tab:blue", label="reward/mean")
+        ax.plot(*series(curves, "reward/mean"), color="tab:blue", label="reward/mean")
         ax.set(title="PPO", xlabel="step")
         ax.set_ylabel("reward/mean", color="tab:blue")
         twin = ax.twinx()
-        twin.plot(steps, [r["kl/mean"] for r in curves], color="tab:red", label="kl/mean")
+        twin.plot(*series(curves, "kl/mean"), color="tab:red", label="kl/mean")
         twin.set_ylabel("kl/mean", color="tab:red")
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    save_figure(figure, path)
     plt.close(figure)
-    tmp.replace(path)
 
 
 def run(cfg: EvalConfig) -> Path:
