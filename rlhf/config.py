@@ -534,6 +534,20 @@ class PPOConfig(StageConfig):
     save_every: int | None = Field(None, gt=0, description="iterations between checkpoints (the final one is always written)")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept under output_dir/checkpoints; older ones are deleted")
     reward_threshold: float | None = Field(None, description="stop early when reward/mean reaches this")
+    eval_every: int | None = Field(
+        5, ge=0, description="iterations between held-out evaluations, which also run before the first "
+        "iteration (step 0) and after the last: one reply per held-out prompt (rollout.sampling with n 1 and "
+        "the same seed every time), scored by judge; logs eval/judge, eval/response_length, "
+        "eval/ended_with_eos and timing/eval. 0 or null: off",
+    )
+    eval_prompts: int = Field(
+        16, gt=0, description="held-out prompts per evaluation (eval_every): the first of data.eval_path, or of "
+        "the data.eval_fraction held out",
+    )
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="scores the held-out replies of eval_every (not the training "
+        "reward: an independent check of it)",
+    )
     resume_from: str | None = Field(
         None, description="a checkpoint folder (output_dir/checkpoints/step_N) to continue from: iteration N+1 "
         "comes next; into the same output_dir, metrics logged after step N are replaced",

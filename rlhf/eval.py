@@ -437,7 +437,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return compare(prompts, n, sides["before"], sides["after"], cfg, reward_model=accuracy)
 
 
-def _interval(ci: list[float] | None, form: str = "+.3f") -> str:
+def format_interval(ci: list[float] | None, form: str = "+.3f") -> str:
     """`` [lo, hi]`` of an interval, each bound in format ``form``; nothing without one."""
     return f" [{ci[0]:{form}}, {ci[1]:{form}}]" if ci else ""
 
@@ -446,7 +446,7 @@ def _share(block: dict, what: str) -> str:
     """One reward-model accuracy line of eval.md."""
     if block["accuracy"] is None:
         return f"{what}: no pairs."
-    return f"**{block['accuracy']:.1%}**{_interval(block['accuracy_ci95'], '.1%')} accuracy on {block['pairs']} {what}"
+    return f"**{block['accuracy']:.1%}**{format_interval(block['accuracy_ci95'], '.1%')} accuracy on {block['pairs']} {what}"
 
 
 def write_report(result: dict, out: Path, ppo_metrics: str | None = None) -> None:
@@ -468,11 +468,11 @@ def write_report(result: dict, out: Path, ppo_metrics: str | None = None) -> Non
         "Intervals are 95%: ± is the normal interval over prompts, [lo, hi] a bootstrap interval over prompts "
         f"({result['bootstrap_resamples']} resamples) or, for accuracies, a Wilson interval.", "",
         f"- Win rate of the policy over the reference (judge, per prompt; a tie counts as half a win): "
-        f"**{versus['win_rate']:.1%}**{_interval(versus['win_rate_ci95'], '.1%')} "
+        f"**{versus['win_rate']:.1%}**{format_interval(versus['win_rate_ci95'], '.1%')} "
         f"({versus['wins']} wins, {versus['ties']} ties, {versus['losses']} losses).",
-        f"- Judge gain (policy minus reference, per prompt): **{gain['mean']:+.3f}**{_interval(gain['ci95'])}.",
+        f"- Judge gain (policy minus reference, per prompt): **{gain['mean']:+.3f}**{format_interval(gain['ci95'])}.",
         f"- AFINN sentiment gain (per word; a lexicon no training stage uses): "
-        f"{afinn['mean']:+.3f}{_interval(afinn['ci95'])}.",
+        f"{afinn['mean']:+.3f}{format_interval(afinn['ci95'])}.",
         f"- Best-of-{n} of the reference under the judge (mean over prompts of the best of its {n} samples; "
         f"what the policy should approach): {b['judge_best_of_n']:.3f}; the policy's mean judge score "
         f"{a['judge']:.3f}.", "",
@@ -523,6 +523,7 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None, judge_lines: dict[st
     import matplotlib.pyplot as plt
 
     from rlhf.metrics import read_metrics
+    from rlhf.plots import save_figure, series
 
     curves = read_metrics(ppo_metrics) if ppo_metrics and Path(ppo_metrics).is_file() else []
     columns = 2 if curves else 1
@@ -541,15 +542,14 @@ def plot(scores: dict, path: Path, ppo_metrics: str | None, judge_lines: dict[st
         next_axis = 2
     if curves:
         ax = axes[next_axis]
-        steps = [r["step"] for r in curves]
-        ax.plot(steps, [r["reward/mean"] for r in curves], color="tab:blue", label="reward/mean")
+        ax.plot(*series(curves, "reward/mean"), color="tab:blue", label="reward/mean")
         ax.set(title="PPO", xlabel="step")
         ax.set_ylabel("reward/mean", color="tab:blue")
         twin = ax.twinx()
-        twin.plot(steps, [r["kl/mean"] for r in curves], color="tab:red", label="kl/mean")
+        twin.plot(*series(curves, "kl/mean"), color="tab:red", label="kl/mean")
         twin.set_ylabel("kl/mean", color="tab:red")
     figure.tight_layout()
-    write_file(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    save_figure(figure, path)
     plt.close(figure)
 
 

@@ -33,7 +33,7 @@ DONE_FILE = "done.json"
 # What a stage run writes into its output_dir: a previous run is any of these; starting over deletes them.
 RUN_OUTPUTS = (DONE_FILE, "config.yaml", "metrics.jsonl", "tensorboard", "final", "final.partial", "adapter",
                "adapter.partial", "ray_train", "checkpoints", "samples.jsonl", "pairs.jsonl", "eval.json", "eval.md",
-               "eval.png")
+               "eval.png", "learning_curves.png")
 # Keys that do not change what a finished run produced: a resumed run equals the uninterrupted one.
 NOT_IN_DIGEST = {"overwrite", "resume_from"}
 

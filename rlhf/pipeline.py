@@ -21,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf.config import RunConfig, save_config
+from rlhf.config import RunConfig, dump_config, save_config
+from rlhf.eval import format_interval
 from rlhf.outputs import Interrupted, is_current
 from rlhf.paths import claim_dir, is_ours, write_atomic
 
@@ -184,10 +185,6 @@ def run(cfg: RunConfig) -> Path:
     return out
 
 
-def _interval(bounds: list[float] | None, fmt: str = "+.3f") -> str:
-    return f"[{bounds[0]:{fmt}}, {bounds[1]:{fmt}}]" if bounds else ""
-
-
 def summary_table(result: dict) -> str:
     """The demo's closing lines: the SFT model against the aligned policy on the held-out prompts, the
     reward model's accuracy, flags and goals (eval.json with ``goals`` from :func:`check_goals`)."""
@@ -208,13 +205,13 @@ def summary_table(result: dict) -> str:
         lines.append(f"  {name:28}{cell(b[key], b.get(ci) if ci else None, fmt):>18}"
                      f"{cell(a[key], a.get(ci) if ci else None, fmt):>20}")
     lines.append(f"  {'judge, best of ' + str(result['samples_per_prompt']) + ' SFT samples':28}{cell(b['judge_best_of_n']):>18}")
-    lines.append(f"\n  win rate {versus['win_rate']:.1%} {_interval(versus.get('win_rate_ci95'), '.1%')} per prompt "
+    lines.append(f"\n  win rate {versus['win_rate']:.1%}{format_interval(versus.get('win_rate_ci95'), '.1%')} per prompt "
                  f"({versus['wins']} wins, {versus['ties']} ties counted half, {versus['losses']} losses); "
-                 f"judge gain {gain['mean']:+.3f} {_interval(gain['ci95'])}")
+                 f"judge gain {gain['mean']:+.3f}{format_interval(gain['ci95'])}")
     for key, label in (("reward_model", "held-out pairs"), ("reward_model_eval_pairs", "judge-labelled eval pairs")):
         rm = result.get(key)
         if rm and rm.get("accuracy") is not None:
-            lines.append(f"  reward model accuracy {rm['accuracy']:.1%} {_interval(rm.get('accuracy_ci95'), '.1%')} "
+            lines.append(f"  reward model accuracy {rm['accuracy']:.1%}{format_interval(rm.get('accuracy_ci95'), '.1%')} "
                          f"on {rm['pairs']} {label}")
     lines += [f"  warning: {flag}" for flag in result.get("flags", [])]
     if result.get("goals"):
@@ -236,9 +233,9 @@ def check_goals(result: dict, summary: dict, cfg: RunConfig) -> list[dict]:
     checks = [
         (f"at least {goals.min_prompts} held-out prompts", result["prompts"], result["prompts"] >= goals.min_prompts),
         (f"win rate at least {goals.min_win_rate:.0%}", f"{versus['win_rate']:.1%}", versus["win_rate"] >= goals.min_win_rate),
-        ("win rate's 95% interval above 50%", _interval([low, high], ".1%") if low is not None else "-",
+        ("win rate's 95% interval above 50%", format_interval([low, high], ".1%").strip() if low is not None else "-",
          None if low is None else low > 0.5),
-        ("judge gain's 95% interval above 0", f"{gain['mean']:+.3f} {_interval(gain['ci95'])}", gain["ci95"][0] > 0),
+        ("judge gain's 95% interval above 0", f"{gain['mean']:+.3f}{format_interval(gain['ci95'])}", gain["ci95"][0] > 0),
         (f"KL per sequence at most {cfg.eval.kl_threshold:g}", f"{after['kl']:.3f}", after["kl"] <= cfg.eval.kl_threshold),
         (f"KL per token at most {cfg.eval.kl_per_token_threshold:g}", f"{after['kl_per_token']:.4f}",
          after["kl_per_token"] <= cfg.eval.kl_per_token_threshold),
@@ -246,7 +243,7 @@ def check_goals(result: dict, summary: dict, cfg: RunConfig) -> list[dict]:
          not any(f.startswith("collapse") for f in result.get("flags", []))),
         (f"reward model at least {goals.min_reward_model_accuracy:.0%} accurate on at least "
          f"{goals.min_reward_model_pairs} held-out pairs",
-         f"{rm['accuracy']:.1%} {_interval(rm.get('accuracy_ci95'), '.1%')} on {rm['pairs']}" if rm.get("accuracy") is not None else "-",
+         f"{rm['accuracy']:.1%}{format_interval(rm.get('accuracy_ci95'), '.1%')} on {rm['pairs']}" if rm.get("accuracy") is not None else "-",
          None if rm.get("accuracy") is None else
          rm["accuracy"] >= goals.min_reward_model_accuracy and rm["pairs"] >= goals.min_reward_model_pairs),
     ]

@@ -13,6 +13,10 @@ Who holds what:
 With ppo.ptx_coef > 0 the controller also draws one SFT micro-batch (ptx_data) per policy micro-batch,
 in an order fixed by (seed, iteration), and the policy adds its LM loss (InstructGPT's PTX term).
 
+Learning curves: with eval_every, ``run`` has the engines answer the held-out prompts before the first
+iteration, every eval_every iterations and after the last (``PPOTrainer.evaluate``: the same sampling
+seed each time, scored by the judge), and redraws learning_curves.png (rlhf/plots.py) beside metrics.jsonl.
+
 One iteration is ``PPOTrainer.step``: generate -> reference logprobs, values and rewards -> KL and
 advantages (pure torch, rlhf/algorithms) -> train critic and policy -> sync weights to the engines ->
 log. The math lives in rlhf/algorithms; this file only moves tensors between actors. The actors of a
@@ -179,6 +183,7 @@ class PPOTrainer:
         from cluster.placement import place_actors
         from cluster.runtime import init_ray, wait_for_actors
         from rlhf.data import load_prompt_data
+        from rlhf.judge import make_judge
         from rlhf.models import load_tokenizer, resolve_model_path
 
         check_config(cfg)
@@ -202,9 +207,15 @@ class PPOTrainer:
             else resolve_model_path(critic_source)
 
         self.tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
-        self.prompts, self.eval_prompts = load_prompt_data(cfg.data, self.tokenizer, seed=cfg.seed, phase=2)
+        self.prompts, held_out = load_prompt_data(cfg.data, self.tokenizer, seed=cfg.seed, phase=2)
         if len(self.prompts) < cfg.ppo.rollout_batch_size:
             raise ConfigError(f"{len(self.prompts)} prompts cannot fill ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
+        # The held-out evaluation (eval_every): its prompts, and the judge that scores the replies.
+        self.eval_prompts = held_out[: cfg.eval_prompts] if cfg.eval_every else []
+        if cfg.eval_every and not held_out:
+            log.warning("ppo: no held-out prompts (set data.eval_path or data.eval_fraction > 0): "
+                        "no held-out evaluation (eval_every)")
+        self.judge = make_judge(cfg.judge, dtype=cfg.model.dtype) if self.eval_prompts else None
         self.ptx_items = load_ptx_data(cfg, self.tokenizer)
         self.sampling = cfg.rollout.sampling
         self.use_critic = needs_critic(cfg.ppo.advantage)
@@ -397,6 +408,29 @@ class PPOTrainer:
             return [get(start()) for start, get in calls]
         started = [(start(), get) for start, get in calls]
         return [get(refs) for refs, get in started]
+
+    def eval_due(self, *, last: bool = False) -> bool:
+        """Whether the held-out evaluation runs after the current iteration: at step 0, every
+        ``eval_every`` iterations, and at the last one (``last``: a run stopping early)."""
+        if self.judge is None:
+            return False
+        return last or self.iteration % self.cfg.eval_every == 0 or self.iteration >= self.cfg.steps
+
+    def evaluate(self) -> dict[str, float]:
+        """The held-out evaluation: one reply per held-out prompt from the engines (the current
+        policy), sampled with the same seed every time so that successive evaluations compare like
+        with like, and the judge's mean score of them. A dead engine is restarted as in a step."""
+        started = time.perf_counter()
+        prompts = self.eval_prompts
+        sampling = self.sampling.model_copy(update={"n": 1, "seed": self.cfg.seed})
+        samples = self.surviving(lambda: self.engines.generate([p["prompt_ids"] for p in prompts], sampling))
+        scores = self.judge([last_user_text(p["messages"]) for p in prompts], [s.text for s in samples])
+        return {
+            "eval/judge": sum(scores) / len(scores),
+            "eval/response_length": sum(len(s.response_ids) for s in samples) / len(samples),
+            "eval/ended_with_eos": sum(s.finish_reason == "stop" for s in samples) / len(samples),
+            "timing/eval": time.perf_counter() - started,
+        }
 
     def skip_nonfinite(self, what: str, metrics: dict[str, float]) -> dict[str, float]:
         """Count a batch that held NaN or infinity and move on to the next iteration (its prompts and
@@ -652,14 +686,18 @@ def check_resume_adapter(checkpoint: Path, cfg: PPOConfig) -> Path:
 def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> Path:
     """Train, checkpoint, and write final/. ``on_step(trainer)`` runs after each logged step (the
     fault tests and benchmarks/chaos.py kill actors there). A dead learner rank raises
-    ``LearnerLostError`` naming the checkpoint to resume from."""
+    ``LearnerLostError`` naming the checkpoint to resume from. The held-out evaluations (eval_every)
+    join their step's metrics (step 0's, before training, is a line of its own), and
+    learning_curves.png beside metrics.jsonl is redrawn after each of them and at the end."""
     from tqdm import tqdm
 
     from actors.group import LearnerLostError
     from rlhf.metrics import MetricsLogger, continue_metrics
+    from rlhf.plots import plot_learning_curves
 
     out = Path(cfg.output_dir)
     output = StageOutput(cfg, "ppo", lambda: checkpoints(out / "checkpoints"))  # refuses before anything starts
+    curves = out / "learning_curves.png"
     trainer = logger = None
     try:
         trainer = PPOTrainer(cfg)
@@ -667,6 +705,14 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
         if trainer.iteration > 0:
             continue_metrics(out / "metrics.jsonl", trainer.iteration)
         logger = MetricsLogger(out, append=trainer.iteration > 0)
+
+        def log_step(metrics: dict[str, float]) -> None:
+            logger.log(trainer.iteration, metrics)
+            if "eval/judge" in metrics:
+                plot_learning_curves(logger.path, curves)
+
+        if trainer.iteration == 0 and trainer.eval_due():
+            log_step(trainer.evaluate())  # step 0: the curve's starting point
         with tqdm(total=cfg.steps, initial=trainer.iteration, desc="ppo", unit="step") as bar:
             while trainer.iteration < cfg.steps:
                 try:
@@ -674,7 +720,10 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
                 except LearnerLostError as exc:
                     hint = continue_hint(checkpoints(out / "checkpoints"))
                     raise LearnerLostError(f"{exc}; to continue: {hint}") from None
-                logger.log(trainer.iteration, metrics)
+                reached = cfg.reward_threshold is not None and metrics["reward/mean"] >= cfg.reward_threshold
+                if trainer.eval_due(last=reached):
+                    metrics.update(trainer.evaluate())
+                log_step(metrics)
                 if on_step is not None:
                     on_step(trainer)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
@@ -682,7 +731,7 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
                 if cfg.save_every and trainer.iteration % cfg.save_every == 0 and trainer.iteration < cfg.steps:
                     trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.iteration:06d}")
                     trainer.prune_checkpoints()
-                if cfg.reward_threshold is not None and metrics["reward/mean"] >= cfg.reward_threshold:
+                if reached:
                     log.info("ppo: reward/mean %.3f reached reward_threshold %.3f at step %d; stopping",
                              metrics["reward/mean"], cfg.reward_threshold, trainer.iteration)
                     break
@@ -694,6 +743,7 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
             copy_folder(final / ADAPTER_DIR, out / "adapter", overwrite=cfg.overwrite)
         policy = copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final",
                              overwrite=cfg.overwrite)
+        log.info("ppo: learning curves in %s", plot_learning_curves(logger.path, curves))
         output.finish()
         return policy
     except KeyboardInterrupt:

@@ -258,7 +258,9 @@ def test_report_files_with_two_samples_per_prompt(tmp_path):
     assert any("collapse_min_words" in f for f in result["flags"])  # 2.7 words on average, under 3
 
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10, "kl/mean": s / 20}) + "\n" for s in (1, 2)))
+    records = [{"step": 0, "eval/judge": 0.1}]  # a PPO run's step 0: its held-out evaluation alone
+    records += [{"step": s, "reward/mean": s / 10, "kl/mean": s / 20} for s in (1, 2)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     write_report(result, tmp_path, str(metrics))
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert "_scores" not in saved and saved["after"]["judge"] == pytest.approx((0.55 + 0.3 + 0.2) / 3)

@@ -12,6 +12,12 @@ from rlhf.metrics import read_metrics
 from rlhf.ppo import batch_indices, check_config, make_experience, ptx_micro_batches, shard
 
 RULE_REWARD = "tests/data/rule_reward.py:letter_e"
+EVAL_KEYS = ("eval/judge", "eval/response_length", "eval/ended_with_eos", "timing/eval")
+
+
+def _trained(out) -> list[dict]:
+    """The records of the training steps (step 0's holds only the held-out evaluation before training)."""
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
 
 
 def _cfg(tiny_model_dir, out, *overrides):
@@ -47,6 +53,25 @@ def test_config_checks_before_any_actor_starts(tiny_model_dir, tmp_path):
     check_config(_cfg(tiny_model_dir, tmp_path, "model.lora.r=4", "ppo.ptx_coef=0.5", "ptx_data.train_path=default"))
 
 
+def test_held_out_evaluation_at_step_0_every_eval_every_steps_and_at_the_end(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf.ppo import PPOTrainer
+
+    def due(iteration, *, last=False, judge="a judge"):
+        trainer = SimpleNamespace(judge=judge, iteration=iteration, cfg=SimpleNamespace(eval_every=5, steps=14))
+        return PPOTrainer.eval_due(trainer, last=last)
+
+    assert [i for i in range(15) if due(i)] == [0, 5, 10, 14]
+    assert due(7, last=True)  # a run stopping early (reward_threshold) ends with an evaluation too
+    assert not due(5, judge=None)  # off: eval_every 0 or null, or no held-out prompts
+    cfg = _cfg(tiny_model_dir, tmp_path)
+    assert (cfg.eval_every, cfg.eval_prompts, cfg.judge.kind) == (5, 16, "default")
+    assert _cfg(tiny_model_dir, tmp_path, "eval_every=null").eval_every is None
+    with pytest.raises(ConfigError, match="eval_every"):
+        _cfg(tiny_model_dir, tmp_path, "eval_every=-1")
+
+
 def test_actor_threads_all_cores_when_taking_turns_half_in_pairs():
     import os
 
@@ -71,7 +96,7 @@ def test_ptx_micro_batches_depend_only_on_seed_iteration_and_rank():
 
 
 def test_make_experience_shapes_and_kl_penalty(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path, "ppo.kl.coef=0.5", "ppo.whiten_advantages=false")
+    cfg = _cfg(tiny_model_dir, tmp_path, "ppo.kl.coef=0.5", "ppo.whiten_advantages=false", "ppo.lam=0.95")
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
     batch = {
         "input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
@@ -165,13 +190,13 @@ def test_mean_reward_rises(tiny_model_dir, tmp_path, advantage):
                  "ppo.policy_learning_rate=3e-3", "ppo.critic_learning_rate=3e-3"))
     finally:
         ray.shutdown()
-    rewards = [r["reward/mean"] for r in read_metrics(out / "metrics.jsonl")]
+    records = _trained(out)
+    rewards = [r["reward/mean"] for r in records]
     assert len(rewards) == 14
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    # The share of 'e' characters starts near 0.1; seeded runs here reached +0.06 (GAE) and +0.11
-    # (GRPO) within 12 steps.
+    # The share of 'e' characters starts near 0.1; seeded runs here (the preset's 16-token replies at
+    # temperature 0.7, lr 3e-3) reached +0.25 (GAE) and +0.22 (GRPO) within 14 steps.
     assert end > start + 0.04, rewards
-    records = read_metrics(out / "metrics.jsonl")
     for key in ("timing/generation", "timing/make_experience", "timing/train", "timing/weight_sync",
                 "timing/step", "kl/mean", "loss/policy", "policy/clipfrac", "policy/entropy",
                 "response/length", "rollout/logprob_diff", "throughput/tokens_per_s"):
@@ -179,6 +204,19 @@ def test_mean_reward_rises(tiny_model_dir, tmp_path, advantage):
     assert ("loss/value" in records[-1]) == (advantage == "gae")
     assert records[0]["rollout/logprob_diff"] < 1e-4  # engine and learner agree on the same weights
     assert (out / "final" / "model.safetensors").is_file()
+
+    # The held-out evaluation (eval_every 5 by default): before training, every 5 steps and at the end,
+    # the default judge's score of one reply per held-out prompt.
+    evaluated = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "eval/judge" in r}
+    assert sorted(evaluated) == [0, 5, 10, 14]
+    for record in evaluated.values():
+        assert all(key in record for key in EVAL_KEYS), record
+        assert -1.0 <= record["eval/judge"] <= 1.5  # vader compound (-1..1) + 0.5 x topic overlap (0..1)
+        assert 0 < record["eval/response_length"] <= 24 and 0 <= record["eval/ended_with_eos"] <= 1
+    assert "reward/mean" not in evaluated[0]  # step 0: the evaluation alone, before any training
+    png = out / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not list(out.glob("*.tmp*"))
 
 
 @pytest.mark.slow
@@ -197,7 +235,7 @@ def test_ptx_loss_goes_down_on_the_sft_data(tiny_model_dir, tmp_path):
                  "ptx_data.max_prompt_length=96"))
     finally:
         ray.shutdown()
-    records = read_metrics(out / "metrics.jsonl")
+    records = _trained(out)
     ptx = [r["loss/ptx"] for r in records]
     assert len(ptx) == 4 and all("loss/policy" in r for r in records)
     # The random tiny model starts near ln(vocab) = 6.9; a seeded run here went 6.72 -> 5.98 in 4 steps.
@@ -221,7 +259,7 @@ def test_broadcast_weight_sync_and_zero3_two_policy_ranks(tiny_model_dir, tmp_pa
                  "actors_take_turns=false"))  # the actors of a phase at the same time (elsewhere: in turns)
     finally:
         ray.shutdown()
-    records = read_metrics(out / "metrics.jsonl")
+    records = _trained(out)
     assert len(records) == 3
     # After every sync the engine's logprobs match the learner's on the same tokens.
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in records), [r["rollout/logprob_diff"] for r in records]
@@ -261,6 +299,11 @@ def test_resume_continues_with_the_same_next_batch(tiny_model_dir, tmp_path):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-6), key
     assert b[4]["reward/mean"] == pytest.approx(a[4]["reward/mean"], abs=1e-6)
     assert b[4]["loss/policy"] == pytest.approx(a[4]["loss/policy"], rel=1e-4, abs=1e-6)
+    # The held-out evaluation samples with the same seed every time: the same weights give the same
+    # replies, however the run got there (the resumed run has no step 0 of its own).
+    assert 0 in a and 0 not in b
+    for key in ("eval/judge", "eval/response_length", "eval/ended_with_eos"):
+        assert b[4][key] == pytest.approx(a[4][key], abs=1e-6), key
 
 
 def test_a_checkpoint_sharded_otherwise_is_refused_before_any_actor_starts(tiny_model_dir, tmp_path):

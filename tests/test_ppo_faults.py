@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from test_ppo import _cfg
+from test_ppo import _cfg, _trained
 
 from rlhf.metrics import read_metrics
 from rlhf.paths import claim_dir
@@ -24,7 +24,7 @@ NAN_REWARD = "tests/data/nan_reward.py"
 
 
 def _steps(out) -> list[int]:
-    return [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    return [r["step"] for r in _trained(out)]
 
 
 def _pid_of(actor) -> int:
@@ -38,7 +38,8 @@ def _pid_of(actor) -> int:
 def test_inference_actors_killed_mid_run_are_restarted_and_the_step_redone(tiny_model_dir, tmp_path):
     """A rollout engine (ray.kill), the reward actor (ray.kill, during a step), the reference actor
     (ray.kill) and the engine again (SIGKILL on its process) die one after another; each is restarted
-    on its bundle and the run ends at its final step with every step logged once."""
+    on its bundle and the run ends at its final step with every step logged once. The held-out
+    evaluation rides out a dead engine too."""
     import ray
 
     from rlhf.ppo import run
@@ -46,11 +47,18 @@ def test_inference_actors_killed_mid_run_are_restarted_and_the_step_redone(tiny_
     def kill_reward_soon(trainer):  # lands inside the next step
         threading.Timer(0.3, ray.kill, [trainer.reward]).start()
 
+    evaluations = []
+
+    def kill_engine_then_evaluate(trainer):  # after the last step's evaluation was logged
+        ray.kill(trainer.engines.engines[0])
+        evaluations.append({**trainer.evaluate(), **trainer.faults})
+
     faults = {
         1: lambda trainer: ray.kill(trainer.engines.engines[0]),
         2: kill_reward_soon,
         3: lambda trainer: ray.kill(trainer.reference),
         4: lambda trainer: os.kill(_pid_of(trainer.engines.engines[0]), signal.SIGKILL),
+        5: kill_engine_then_evaluate,
     }
     out = tmp_path / "run"
     try:
@@ -58,7 +66,7 @@ def test_inference_actors_killed_mid_run_are_restarted_and_the_step_redone(tiny_
             on_step=lambda trainer: faults.get(trainer.iteration, lambda t: None)(trainer))
     finally:
         ray.shutdown()
-    records = read_metrics(out / "metrics.jsonl")
+    records = _trained(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     restarts = [r["faults/actor_restarts"] for r in records]
     # The reward dies whenever its timer fires on a loaded machine: in step 3, or as step 4 starts.
@@ -66,6 +74,11 @@ def test_inference_actors_killed_mid_run_are_restarted_and_the_step_redone(tiny_
     # The restarted engine samples from the current policy, not the initial weights it starts from.
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in records), [r["rollout/logprob_diff"] for r in records]
     assert (out / "final" / "model.safetensors").is_file()
+    # The engine killed before an evaluation was restarted with the current weights: the same replies
+    # (same seed) as the evaluation logged at step 5, just before the kill.
+    assert evaluations[0]["faults/actor_restarts"] == 5
+    for key in ("eval/judge", "eval/response_length", "eval/ended_with_eos"):
+        assert evaluations[0][key] == pytest.approx(records[-1][key], abs=1e-6), key
 
 
 @pytest.mark.slow
@@ -107,12 +120,12 @@ def test_lost_learner_rank_stops_with_a_clear_error_and_resume_continues_the_ser
     try:
         with pytest.raises(LearnerLostError, match=r"critic rank 0 of 1 died.*resume_from=.*step_000002"):
             run(_cfg(tiny_model_dir, out, *common), on_step=kill_critic)
-        before = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+        before = {r["step"]: r for r in _trained(out)}
         assert sorted(before) == [1, 2, 3]
         run(_cfg(tiny_model_dir, out, *common, f"resume_from={out / 'checkpoints' / 'step_000002'}"))
     finally:
         ray.shutdown()
-    after = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    after = {r["step"]: r for r in _trained(out)}
     assert _steps(out) == [1, 2, 3, 4]  # step 3 redone, not logged twice
     assert after[3]["reward/mean"] == pytest.approx(before[3]["reward/mean"], abs=1e-6)  # same batch, same weights
     assert after[2]["time"] == before[2]["time"]  # steps up to the checkpoint kept as they were
@@ -136,7 +149,7 @@ def test_nonfinite_rewards_skip_the_batch_then_stop_the_run(tiny_model_dir, tmp_
                      "ppo.advantage=grpo", f"reward.function={NAN_REWARD}:always_nan"))
     finally:
         ray.shutdown()
-    records = read_metrics(some / "metrics.jsonl")
+    records = _trained(some)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["faults/nonfinite_skipped"] for r in records] == [0, 1, 1, 2]
     assert "loss/policy" in records[0] and "loss/policy" not in records[1]  # skipped: not trained on

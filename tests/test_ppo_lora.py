@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ppo import _cfg
+from test_ppo import _cfg, _trained
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.metrics import read_metrics
@@ -94,7 +94,7 @@ def test_lora_ppo_reference_from_policy_learns_syncs_merged_weights_and_resumes(
         ray.shutdown()
     assert "PolicyLearner" in classes and "ReferenceModel" not in classes, classes
 
-    records = read_metrics(full / "metrics.jsonl")
+    records = _trained(full)
     assert len(records) == 14
     assert abs(records[0]["kl/mean"]) < 1e-5  # reference = policy before the first update
     assert records[-1]["kl/mean"] > 0.05  # ... and the policy moved away from it afterwards
