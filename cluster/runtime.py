@@ -85,6 +85,18 @@ def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
     return removed
 
 
+# A local Ray runs no dashboard (one listener fewer), so Ray's State API is absent and Ray Train's
+# placement-group cleaner would warn about it every few seconds of every SFT and reward-model run.
+_NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_workers() -> None:
+    """Runs in every worker of a local Ray (``worker_process_setup_hook``): mutes the warning above."""
+    import logging
+
+    logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
+
+
 def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -> None:
     """Connect to ``cfg.address`` / $RAY_ADDRESS, else start a local embedded Ray on 127.0.0.1."""
     import ray
@@ -108,6 +120,7 @@ def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    runtime_env = {"worker_process_setup_hook": "cluster.runtime.quiet_local_workers", **(runtime_env or {})}
     ray.init(
         # "local": always a fresh instance. Without it ray.init() joins whatever cluster `ray start`
         # last started on this machine (someone else's, say) and competes for its resources.

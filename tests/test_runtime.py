@@ -33,6 +33,20 @@ def test_local_ray_is_on_loopback(ray_local):
     assert ray.get(where.remote()) == "127.0.0.1"
 
 
+def test_workers_of_a_local_ray_mute_the_state_api_warning(ray_local):
+    """Without a dashboard Ray Train's placement-group cleaner would warn every few seconds."""
+    import logging
+
+    from cluster.runtime import _NOISY_WITHOUT_DASHBOARD
+
+    @ray_local.remote(num_cpus=0)
+    def level(name):
+        return logging.getLogger(name).getEffectiveLevel()
+
+    assert ray_local.get(level.remote(_NOISY_WITHOUT_DASHBOARD)) == logging.ERROR
+    assert ray_local.get(level.remote("ray.train")) < logging.ERROR  # only that one logger
+
+
 def test_fractional_bundles_fit(ray_local):
     from ray.util.placement_group import remove_placement_group
 
