@@ -35,11 +35,15 @@ QUICK_OVERRIDES = [
     "sft.data.max_records=128", "sft.optim.epochs=1", "sft.optim.learning_rate=1e-3", "sft.optim.batch_size=8",
     "sft.scaling.workers=1", "sft.scaling.cpus_per_worker=1", "sft.sample_prompts=[]",
     # HF generate starts instantly and is fast on the tiny model; PPO keeps its vLLM engine.
-    "pairs.data.max_records=64", "pairs.rollout.sampling.max_new_tokens=24", "pairs.rollout.backend=hf",
-    "rm.optim.learning_rate=1e-3", "rm.optim.batch_size=8", "rm.scaling.workers=1",
-    "ppo.steps=4", "ppo.rollout.sampling.max_new_tokens=24", "ppo.ppo.rollout_batch_size=8",
-    "ppo.ppo.policy_learning_rate=1e-4", "ppo.ppo.critic_learning_rate=1e-4",
-    "eval.max_prompts=16", "eval.sampling.max_new_tokens=24", "eval.backend=hf",
+    "pairs.data.max_records=320", "pairs.rollout.sampling.max_new_tokens=24", "pairs.rollout.backend=hf",
+    "rm.optim.learning_rate=1e-3", "rm.optim.batch_size=8", "rm.optim.epochs=2", "rm.scaling.workers=1",
+    "rm.data.eval_fraction=0.25",  # at least 64 held-out pairs
+    # GRPO with a KL loss at a small learning rate: at 2e-4 and above the tiny policy learns to repeat
+    # "great" (the judge's sentiment) until its replies no longer finish (KL 30 per reply).
+    "ppo.steps=16", "ppo.rollout.sampling.max_new_tokens=24", "ppo.rollout.sampling.n=8",
+    "ppo.ppo.advantage=grpo", "ppo.ppo.rollout_batch_size=4", "ppo.ppo.micro_batch_size=8",
+    "ppo.ppo.policy_learning_rate=5e-5", "ppo.ppo.kl.mode=loss", "ppo.ppo.kl.estimator=k3", "ppo.ppo.kl.coef=0.1",
+    "eval.max_prompts=64", "eval.sampling.n=2", "eval.sampling.max_new_tokens=24", "eval.backend=hf",
 ]
 
 
