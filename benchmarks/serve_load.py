@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             [f"model.path={args.model}", "model_name=bench", f"min_replicas={args.replicas}",
              f"max_replicas={args.replicas}", f"cpus_per_replica={args.cpus_per_replica:g}",
              f"ray.num_cpus={max(int(args.cpus_per_replica * args.replicas), 1)}"],
-            tmp, port=free_port(), log_path=Path(tmp) / "server.log",
+            Path(tmp) / "serve", port=free_port(), log_path=Path(tmp) / "server.log",
         )
         startup_s = time.perf_counter() - started
         try:

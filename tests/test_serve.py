@@ -44,11 +44,12 @@ def server(tiny_model_dir, adapter_dir, tmp_path_factory):
     """``rlhf serve`` in a subprocess; yields (base url, process, output dir)."""
     from rlhf.serve import free_port, spawn
 
-    out = tmp_path_factory.mktemp("serve")
+    scratch = tmp_path_factory.mktemp("serve")
+    out = scratch / "out"  # made by rlhf serve (a folder rlhf did not make is refused)
     process, url = spawn([str(tiny_model_dir), f"adapter_path={adapter_dir}", f"model_name={NAME}",
                           f"api_key={API_KEY}", "ray.num_cpus=2", "min_replicas=2", "max_replicas=2",
                           "cpus_per_replica=1", "kv_cache_gib=0.25"],
-                         out, port=free_port(), log_path=out / "server.log")
+                         out, port=free_port(), log_path=scratch / "server.log")
     yield url, process, out
     if process.poll() is None:  # the stop test did not run or failed
         process.send_signal(signal.SIGINT)
@@ -287,9 +288,10 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     url, process, out = server
     assert json.loads((out / "serve.json").read_text())["pid"] == process.pid
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=180) == 0, (out / "server.log").read_text()[-3000:]
+    log = out.parent / "server.log"
+    assert process.wait(timeout=180) == 0, log.read_text()[-3000:]
     assert not (out / "serve.json").exists()
-    assert "server stopped" in (out / "server.log").read_text()
+    assert "server stopped" in log.read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=5)
 
