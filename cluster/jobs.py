@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from rlhf.config import ENV_NAME, SECRET_KEY, JobConfig, mask_secrets
+from rlhf.config import ENV_NAME, SECRET_KEY, JobConfig, mask_secrets, mask_url
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -66,9 +66,12 @@ def parse_env(items: Iterable[str], environ: dict[str, str] | None = None) -> di
 
 
 def mask_override(text: str) -> str:
-    """``serve.api_key=abc`` -> ``serve.api_key=***``; other overrides unchanged."""
+    """``serve.api_key=abc`` -> ``serve.api_key=***``, ``reward.url=https://u:p@h`` -> ``...u:***@h``;
+    other overrides unchanged."""
     key, sep, value = text.partition("=")
-    return f"{key}=***" if sep and value and SECRET_KEY.search(key) else text
+    if sep and value and SECRET_KEY.search(key):
+        return f"{key}=***"
+    return f"{key}={mask_url(value)}" if sep else text
 
 
 def config_in_working_dir(config: str | Path, working_dir: str | Path) -> str:
@@ -139,7 +142,8 @@ def describe_runtime_env(renv: dict) -> list[str]:
     """Printable lines for a runtime env, secrets masked."""
     lines = [f"working dir: {renv.get('working_dir', '-')} (excluding {', '.join(renv.get('excludes', [])) or 'nothing'})"]
     if renv.get("env_vars"):
-        lines.append("env: " + " ".join(f"{k}={v}" for k, v in mask_secrets(renv["env_vars"]).items()))
+        env = mask_secrets({"env_vars": renv["env_vars"]})["env_vars"]  # values are secrets unless known safe
+        lines.append("env: " + " ".join(f"{k}={v}" for k, v in env.items()))
     if renv.get("pip"):
         lines.append("pip: " + " ".join(renv["pip"]))
     return lines

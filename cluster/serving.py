@@ -27,7 +27,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from rlhf import openai_api as api
-from rlhf.config import ModelConfig, SamplingConfig, ServeConfig
+from rlhf.config import ConfigError, ModelConfig, SamplingConfig, ServeConfig
 from rlhf.inference import Delta, HFStreamer, VLLMStreamer, one_completion
 
 log = logging.getLogger("rlhf.serve")
@@ -38,8 +38,14 @@ app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None)
 
 
 def resolve_api_key(cfg: ServeConfig) -> str | None:
-    """The key clients must send: the config's, else $RLHF_API_KEY, else none (no check)."""
-    return cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    """The key clients must send: the config's, else $RLHF_API_KEY, else none (no check). A variable
+    that is set but empty is an error, not "no key": it would turn authentication off unnoticed."""
+    if cfg.api_key:
+        return cfg.api_key
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ConfigError(f"${API_KEY_ENV} is set but empty: set it to the key, or unset it to serve without one")
+    return key or None
 
 
 def model_name(cfg: ServeConfig) -> str:

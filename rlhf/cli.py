@@ -128,8 +128,21 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and ``KEY=VALUE`` overrides mix in any order: argparse fills the overrides list only
+    once, so in ``rlhf serve MODEL --port 9000 api_key=KEY`` the words after ``--port`` come back
+    unparsed; they are overrides too. (``parse_intermixed_args`` refuses parsers with subcommands.)"""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -126,7 +126,7 @@ def check_command(argv: list[str], root: str | Path = "."):
     ``argv`` starts with ``rlhf``; a relative ``-c`` path is taken inside ``root``. Returns the config.
     """
     from cluster.jobs import display_command
-    from rlhf.cli import build_parser
+    from rlhf.cli import parse_args
 
     shown = display_command(argv)
     if not argv or argv[0] != "rlhf":
@@ -134,7 +134,7 @@ def check_command(argv: list[str], root: str | Path = "."):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            args = build_parser().parse_args(argv[1:])
+            args = parse_args(argv[1:])
     except SystemExit:
         raise ConfigError(f"`{shown}` would not run: {captured.getvalue().strip().splitlines()[-1]}") from None
     if args.command not in STAGES:

@@ -8,8 +8,10 @@ Unknown keys and wrong types are errors that name the key and list the valid one
 from __future__ import annotations
 
 import re
+import reprlib
+import types
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -367,6 +369,11 @@ class RewardConfig(Section):
     path: str | None = Field(None, description="reward-model folder")
     function: str | None = Field(None, description="FILE.py:NAME taking (prompts, responses) -> scores")
     url: str | None = Field(None, description="HTTP endpoint taking {prompts, responses} -> {scores}")
+    url_api_key: str | None = Field(None, description="sent to url as 'Authorization: Bearer KEY'")
+    url_timeout_s: float = Field(60.0, gt=0, description="whole-request deadline for url (each try), however "
+                                 "slowly the server sends")
+    url_retries: int = Field(3, ge=0, description="retries (with back-off) after a 5xx, 429, timeout or lost connection")
+    url_max_reply_bytes: int = Field(16 * 2**20, gt=0, description="a longer reply from url is refused")
     normalize: bool = Field(True, description="use the reward model's stored mean/std")
     clip: float | None = Field(None, gt=0, description="clip rewards to [-clip, clip]")
     length_penalty: float = Field(0.0, description="added per response token")
@@ -598,6 +605,14 @@ class ServeConfig(StageConfig):
     ingress_replicas: int = Field(1, gt=0, description="HTTP ingress replicas (light: validate and forward)")
     shutdown_grace_s: float = Field(5.0, ge=0, description="on stop, how long replicas may finish requests in flight")
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("an empty key would turn authentication off: give the key, or leave api_key out "
+                             "to serve without one")
+        return value
+
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
@@ -742,17 +757,53 @@ STAGES: dict[str, type[StageConfig]] = {
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=(.*)$", re.DOTALL)
 
 
+# A whole config is a few hundred values; YAML aliases (&a / *a) can expand 300 bytes into billions.
+MAX_CONFIG_VALUES = 100_000
+
+
+def check_size(tree: Any, source: str, limit: int = MAX_CONFIG_VALUES) -> Any:
+    """``tree`` unchanged, or a ConfigError when it holds more than ``limit`` values once its aliases
+    are expanded (counted without expanding them: at most ``limit`` steps)."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(f"{source}: more than {limit} values once YAML aliases (&name / *name) are "
+                              "expanded; a config is far smaller (an alias bomb?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return tree
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 3, 4, 6, 80, 80
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut short, built without visiting all of a huge value (error messages)."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int too long for str()
+        return f"<{type(value).__name__}>"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'ppo.kl.coef=0.05'`` -> ``(['ppo', 'kl', 'coef'], 0.05)``; the value is read as YAML."""
     match = _OVERRIDE.match(text)
     if not match:
-        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. ppo.kl.coef=0.05")
+        raise ConfigError(f"override {short_repr(text)}: expected KEY.PATH=VALUE, e.g. ppo.kl.coef=0.05")
     key, raw = match.groups()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the text as it is
-    return key.split("."), value
+    except ValueError:  # e.g. an integer of more digits than Python converts
+        value = raw
+    return key.split("."), check_size(value, f"override {key}")
 
 
 def apply_override(tree: dict, keys: list[str], value: Any) -> None:
@@ -777,8 +828,11 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
+    check_size(data, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top, got {type(data).__name__}")
     return data
@@ -816,6 +870,17 @@ def with_section_presets(cls: type[BaseModel], tree: dict) -> dict:
     return out
 
 
+def _wants_text(cls: type[BaseModel], keys: list[str]) -> bool:
+    """Whether the field at ``keys`` takes a string (and nothing else but None)."""
+    owner = _section_at(cls, tuple(keys[:-1]))
+    field = owner.model_fields.get(keys[-1]) if owner else None
+    if field is None:
+        return False
+    annotation = field.annotation
+    options = set(get_args(annotation)) if get_origin(annotation) in (Union, types.UnionType) else {annotation}
+    return options - {type(None)} == {str}
+
+
 def _section_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The config class that owns the field at ``loc`` (for listing valid keys)."""
     current: Any = cls
@@ -841,7 +906,10 @@ def explain(error: ValidationError, cls: type[BaseModel], source: str) -> Config
             lines.append(f"unknown key '{key}'; valid keys here: {valid}")
         else:
             got = item.get("input")
-            got_text = " (got a mapping)" if isinstance(got, dict) else f" (got {got!r})"
+            if loc and SECRET_KEY.search(str(loc[-1])):
+                got_text = ""  # a secret is never echoed
+            else:
+                got_text = " (got a mapping)" if isinstance(got, dict) else f" (got {short_repr(mask_secrets(got))})"
             lines.append(f"{key}: {item['msg']}{got_text}")
     return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
 
@@ -853,6 +921,11 @@ def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
     tree = read_yaml(path) if path else {}
     for text in overrides or []:
         keys, value = parse_override(text)
+        if value is not None and not isinstance(value, str) and _wants_text(cls, keys):
+            value = text.partition("=")[2]  # model_name=12345678, api_key=yes: the text, not YAML's int or bool
+        if value in (None, "") and SECRET_KEY.search(keys[-1]):
+            raise ConfigError(f"override {'.'.join(keys)}: the value is empty (an unset shell variable?); give "
+                              f"the secret, or leave {keys[-1]} out")
         apply_override(tree, keys, value)
     source = str(path) if path else "(defaults)"
     try:
@@ -866,16 +939,55 @@ def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
 SECRET_KEY = re.compile(r"(?:^|[^A-Za-z0-9])(?:KEY|TOKEN|APIKEY|PASSWD|CREDENTIALS?)$|SECRET|PASSWORD", re.IGNORECASE)
 
 
+# Job environment values are secrets unless named here (DATABASE_URL, GITHUB_PAT or AUTH carry no
+# KEY/TOKEN word, so a name-based rule would print them).
+SAFE_ENV_VARS = frozenset({
+    "RLHF_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "PYTHONPATH",
+    "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES",
+    "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED", "VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL", "TZ", "LANG",
+})
+# Query parameters of a URL that carry credentials (besides SECRET_KEY's names: api_key, token, ...).
+SECRET_QUERY = re.compile(r"^(?:auth|authorization|sig|signature|code|pat|pass|pwd|credential)$", re.IGNORECASE)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def mask_url(text: str) -> str:
+    """``https://user:pass@host/x?api_key=abc&n=1`` -> ``https://user:***@host/x?api_key=***&n=1``;
+    text that is not a URL unchanged."""
+    if not isinstance(text, str) or not _URL.match(text):
+        return text
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+        query = [(k, "***" if v and (SECRET_KEY.search(k) or SECRET_QUERY.match(k)) else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
+    except ValueError:  # not parseable after all: show none of it
+        return "***"
+
+
 def mask_secrets(tree: Any) -> Any:
-    """A copy of a config tree with values of secret-looking keys replaced by '***'."""
+    """A copy of a config tree with secrets replaced by '***': values of secret-looking keys, the
+    credentials inside URLs, and every job environment value whose name is not in SAFE_ENV_VARS."""
     if isinstance(tree, dict):
-        return {
-            k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else mask_secrets(v))
-            for k, v in tree.items()
-        }
+        out = {}
+        for k, v in tree.items():
+            if SECRET_KEY.search(str(k)) and v not in (None, ""):
+                out[k] = "***"
+            elif k == "env_vars" and isinstance(v, dict):
+                out[k] = {name: mask_url(value) if name in SAFE_ENV_VARS else "***" for name, value in v.items()}
+            else:
+                out[k] = mask_secrets(v)
+        return out
     if isinstance(tree, list):
         return [mask_secrets(v) for v in tree]
-    return tree
+    return mask_url(tree)
 
 
 def dump_config(config: BaseModel) -> str:

@@ -15,10 +15,9 @@ form terms make a complete, short, natural reply the best one.
 from __future__ import annotations
 
 import importlib.util
-import re
 import json
-import urllib.error
-import urllib.request
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,23 +109,89 @@ def load_function(spec: str) -> ScoreFn:
     return function
 
 
-class HTTPJudge:
-    """A remote reward endpoint: POST ``{"prompts": [...], "responses": [...]}`` -> ``{"scores": [...]}``."""
+class RewardEndpointError(RuntimeError):
+    """The reward endpoint failed or answered something that is not one finite score per response."""
 
-    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
-        self.url, self.timeout_s = url, timeout_s
+
+class HTTPJudge:
+    """A remote reward endpoint: POST ``{"prompts": [...], "responses": [...]}`` -> ``{"scores": [...]}``.
+
+    Each try has a deadline for the whole request (a server that sends one byte a second cannot hold
+    it longer), the reply is capped at ``max_reply_bytes``, and the scores must be a list of finite
+    numbers, one per response. A 5xx, 429, timeout or lost connection is retried ``retries`` times with
+    back-off (one transient error must not stop a PPO run); a 4xx or a malformed reply is not."""
+
+    RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0, retries: int = 3, max_reply_bytes: int = 16 * 2**20,
+                 api_key: str | None = None, backoff_s: float = 0.5) -> None:
+        from rlhf.config import mask_url
+
+        self.url, self.shown = url, mask_url(url)  # credentials in the URL stay out of every message
+        self.timeout_s, self.retries, self.max_reply_bytes, self.backoff_s = timeout_s, retries, max_reply_bytes, backoff_s
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import time
+
         body = json.dumps({"prompts": prompts, "responses": responses}).encode()
-        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        for attempt in range(self.retries + 1):
+            try:
+                return self._scores(self._post(body), len(responses))
+            except _Transient as exc:
+                if attempt == self.retries:
+                    raise RewardEndpointError(f"reward endpoint {self.shown}: {exc} ({attempt + 1} tries)") from None
+                time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _post(self, body: bytes) -> bytes:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + self.timeout_s
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                scores = json.loads(reply.read())["scores"]
-        except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as exc:
-            raise RuntimeError(f"reward endpoint {self.url}: {exc!r}") from None
-        if len(scores) != len(prompts):
-            raise RuntimeError(f"reward endpoint {self.url} returned {len(scores)} scores for {len(prompts)} responses")
+            with httpx.Client(timeout=self.timeout_s, follow_redirects=False) as client:
+                with client.stream("POST", self.url, content=body, headers=self.headers) as reply:
+                    chunks, size = [], 0
+                    for chunk in reply.iter_bytes():
+                        size += len(chunk)
+                        if size > self.max_reply_bytes:
+                            raise RewardEndpointError(f"reward endpoint {self.shown}: reply longer than "
+                                                      f"{self.max_reply_bytes} bytes (url_max_reply_bytes)")
+                        if time.monotonic() > deadline:
+                            raise httpx.ReadTimeout("deadline")
+                        chunks.append(chunk)
+                    text = b"".join(chunks)
+                    if reply.status_code in self.RETRY_STATUS:
+                        raise _Transient(f"HTTP {reply.status_code}")
+                    if reply.status_code != 200:
+                        raise RewardEndpointError(f"reward endpoint {self.shown}: HTTP {reply.status_code}: "
+                                                  f"{text[:200].decode(errors='replace')!r}")
+                    return text
+        except httpx.TimeoutException:
+            raise _Transient(f"no complete reply within {self.timeout_s:g} s (url_timeout_s)") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+
+    def _scores(self, text: bytes, expected: int) -> list[float]:
+        try:
+            scores = json.loads(text)["scores"]
+        except (ValueError, TypeError, KeyError):
+            raise RewardEndpointError(f'reward endpoint {self.shown}: expected JSON {{"scores": [...]}}, got '
+                                      f"{text[:200].decode(errors='replace')!r}") from None
+        if not isinstance(scores, list) or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
+            raise RewardEndpointError(f"reward endpoint {self.shown}: 'scores' must be a list of finite numbers, "
+                                      f"got {str(scores)[:200]!r}")
+        if len(scores) != expected:
+            raise RewardEndpointError(f"reward endpoint {self.shown} returned {len(scores)} scores for "
+                                      f"{expected} responses")
         return [float(s) for s in scores]
+
+
+class _Transient(Exception):
+    """A failure worth another try."""
 
 
 def make_judge(cfg: JudgeConfig, *, dtype: str = "float32") -> ScoreFn:
@@ -182,5 +247,6 @@ def make_reward_fn(cfg: RewardConfig, *, dtype: str = "float32") -> ScoreFn:
     if cfg.function:
         return load_function(cfg.function)
     if cfg.url:
-        return HTTPJudge(cfg.url)
+        return HTTPJudge(cfg.url, timeout_s=cfg.url_timeout_s, retries=cfg.url_retries,
+                         max_reply_bytes=cfg.url_max_reply_bytes, api_key=cfg.url_api_key)
     return DefaultJudge()

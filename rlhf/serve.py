@@ -44,13 +44,45 @@ def _alive(pid: int) -> bool:
 
 
 def _read_state(out: Path) -> dict | None:
+    """``<out>/serve.json``, or None when there is none; a ConfigError when it is not one we wrote."""
     path = out / STATE_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        state = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path} is not a server record rlhf serve wrote ({exc}); check it and remove it") from None
+    pid = state.get("pid") if isinstance(state, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        # pid 0 or a negative one would signal a whole process group, 1 is init.
+        raise ConfigError(f"{path}: 'pid' must be a process id above 1, got {pid!r}; this is not a record rlhf "
+                          "serve wrote: check it and remove it")
+    return state
+
+
+def _process_identity(pid: int) -> dict | None:
+    """What tells this process apart from a later one given the same pid: its start time and command
+    line. None when no such process runs (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return {"started": process.create_time(), "cmdline": process.cmdline()}
+    except psutil.Error:
         return None
+
+
+def _running_server(state: dict | None) -> int | None:
+    """The pid of the server ``state`` records if that very process still runs, else None: a record
+    whose pid now belongs to another program (the server died, the pid was reused) is stale."""
+    if state is None:
+        return None
+    now = _process_identity(state["pid"])
+    if now is None or state.get("cmdline") != now["cmdline"] or abs(now["started"] - state.get("started", -1)) > 1.0:
+        return None
+    return state["pid"]
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -78,11 +110,12 @@ def run(cfg: ServeConfig) -> Path:
 
     out = Path(cfg.output_dir)
     state = _read_state(out)
-    if state and _alive(int(state.get("pid", -1))):
+    if _running_server(state):
         raise ConfigError(f"output_dir {out}: a server started from it is still running (pid {state['pid']}, "
                           f"{state.get('url')}); stop it with `rlhf serve --stop` or pick another output_dir")
     check_model_source(resolve_model_path(cfg.model.path))  # fail here, not in every replica
-    if cfg.host not in LOOPBACK and resolve_api_key(cfg) is None:
+    api_key = resolve_api_key(cfg)  # an empty $RLHF_API_KEY fails here, before anything starts
+    if cfg.host not in LOOPBACK and api_key is None:
         log.warning("binding %s without an API key: anyone who can reach this address can use the model "
                     "(set api_key or $RLHF_API_KEY)", cfg.host)
     _check_port_free(cfg.host, cfg.port)
@@ -103,8 +136,9 @@ def run(cfg: ServeConfig) -> Path:
         serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s,
                                   "keep_alive_timeout_s": 5})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
-        write_atomic(out / STATE_FILE, json.dumps({"pid": os.getpid(), "url": url, "model": model_name(cfg),
-                                                   "app": APP_NAME}))
+        # The start time and command line let `--stop` check that the pid is still this server.
+        write_atomic(out / STATE_FILE, json.dumps({"pid": os.getpid(), **_process_identity(os.getpid()), "url": url,
+                                                   "model": model_name(cfg), "app": APP_NAME}))
         print(f"serving '{model_name(cfg)}' at {url}/v1 (OpenAI API; ready in {time.perf_counter() - start:.0f} s). "
               f"Ctrl-C or `rlhf serve --stop` stops it.", flush=True)
         while True:
@@ -133,8 +167,8 @@ def stop(cfg: ServeConfig, timeout_s: float = 120.0) -> bool:
     (``ray.address`` set) with no local record, delete the app there instead. True if one was stopped."""
     out = Path(cfg.output_dir)
     state = _read_state(out)
-    if state and _alive(int(state.get("pid", -1))):
-        pid = int(state["pid"])
+    pid = _running_server(state)
+    if pid:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while _alive(pid) and time.monotonic() < deadline:
@@ -156,7 +190,11 @@ def stop(cfg: ServeConfig, timeout_s: float = 120.0) -> bool:
             ray.shutdown()
         print(f"deleted the serve app '{APP_NAME}' on the cluster")
         return True
-    (out / STATE_FILE).unlink(missing_ok=True)  # a record left by a server that died
+    if state is not None:  # a record left by a server that died; its pid may be another program's now
+        (out / STATE_FILE).unlink(missing_ok=True)
+        print(f"no running server: {out / STATE_FILE} named pid {state['pid']}, which is no longer that server; "
+              "removed the stale record (nothing was signalled)")
+        return False
     print(f"no running server recorded in {out / STATE_FILE}")
     return False
 

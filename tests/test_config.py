@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -165,3 +167,66 @@ def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it_natively(monkeypa
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert ModelConfig(dtype="auto").dtype == expected
     assert ModelConfig(dtype="float32").dtype == "float32"
+
+
+def test_options_and_overrides_mix_in_any_order():
+    from rlhf.cli import parse_args
+
+    args = parse_args(["serve", "runs/demo/ppo/final", "--port", "9000", "api_key=k", "max_replicas=2"])
+    assert (args.port, args.overrides) == (9000, ["runs/demo/ppo/final", "api_key=k", "max_replicas=2"])
+    args = parse_args(["submit", "run", "-c", "configs/demo.yaml", "--no-wait", "--env", "A=1", "output_dir=x"])
+    assert args.no_wait and args.env == ["A=1"] and args.overrides == ["output_dir=x"]
+
+
+def _readme_commands() -> list[str]:
+    """Every `rlhf ...` command line the README shows (placeholders such as ID or [--wait] aside)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines, fenced = [], False
+    for line in readme.splitlines():
+        fenced ^= line.startswith("```")
+        if fenced or line.startswith("    "):  # code: a fenced block or an indented one
+            lines.append(line.split("  #")[0].strip())
+    return [re.sub(r"\$\([^)]*\)", "0123abcd", line) for line in lines
+            if line.startswith("rlhf ") and " ID" not in line and "[" not in line]
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_each_readme_command_line_parses_and_its_config_loads(command, monkeypatch):
+    """As written in the README: the command line parses and a stage's config (with its overrides)
+    is valid. (Running them is the job of the stage tests.)"""
+    import shlex
+
+    from rlhf.cli import parse_args
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    args = parse_args(shlex.split(command)[1:])
+    stage = args.stage if args.command in ("submit", "config") else args.command
+    if stage in STAGES and hasattr(args, "overrides"):
+        overrides = [f"model.path={o}" if "=" not in o else o for o in args.overrides]  # serve's MODEL_DIR
+        assert load_config(stage, args.config, overrides) is not None
+
+
+def test_readme_shows_command_lines():
+    assert len(_readme_commands()) >= 12
+
+
+def test_text_fields_keep_override_text_that_yaml_would_retype():
+    cfg = load_config("serve", None, ["model_name=12345678", "api_key=yes"])
+    assert (cfg.model_name, cfg.api_key) == ("12345678", "yes")
+    assert load_config("serve", None, ["port=9000"]).port == 9000  # typed fields still get YAML's types
+    assert load_config("serve", None, ["model_name=null"]).model_name is None
+
+
+def test_an_empty_api_key_variable_is_an_error_not_no_key(monkeypatch):
+    from cluster.serving import API_KEY_ENV, resolve_api_key
+
+    cfg = load_config("serve", None, [])
+    monkeypatch.setenv(API_KEY_ENV, " ")
+    with pytest.raises(ConfigError, match="set but empty"):
+        resolve_api_key(cfg)
+    monkeypatch.setenv(API_KEY_ENV, "k")
+    assert resolve_api_key(cfg) == "k"
+    monkeypatch.delenv(API_KEY_ENV)
+    assert resolve_api_key(cfg) is None

@@ -134,3 +134,69 @@ def test_secrets_are_masked_in_config_dumps_and_job_commands():
     assert mask_override("serve.api_key=sk-live-123") == "serve.api_key=***"
     assert mask_override("job.env_vars.HF_TOKEN=hf_abc") == "job.env_vars.HF_TOKEN=***"
     assert mask_override("rollout.sampling.max_new_tokens=64") == "rollout.sampling.max_new_tokens=64"
+
+
+def test_credentials_in_urls_and_job_env_values_are_masked(capsys):
+    from cluster.jobs import describe_runtime_env, mask_override
+    from rlhf.cli import main
+    from rlhf.config import dump_config, mask_url
+
+    assert mask_url("https://alice:hunter2@h.example/score?api_key=k1&n=2") == "https://alice:***@h.example/score?api_key=***&n=2"
+    assert mask_url("https://tok123@h.example/x?sig=abc&token=t9") == "https://***@h.example/x?sig=***&token=***"
+    assert mask_url("runs/demo/rm/final") == "runs/demo/rm/final"
+    assert mask_override("reward.url=https://u:pw9@h/x") == "reward.url=https://u:***@h/x"
+    url = "http://scorer:pw9@127.0.0.1:9/score?key=qk1secret"
+    text = dump_config(load_config("ppo", None, [f"reward.url={url}", "job.env_vars.DATABASE_URL=postgres://db",
+                                                 "job.env_vars.GITHUB_PAT=ghp_1", "job.env_vars.AUTH=x1",
+                                                 "job.env_vars.RLHF_HOME=/mnt/cache"]))
+    for secret in ("pw9", "qk1secret", "postgres://db", "ghp_1", "x1"):
+        assert secret not in text, secret
+    assert "/mnt/cache" in text  # a known-safe variable stays readable
+    env_line = describe_runtime_env({"env_vars": {"DATABASE_URL": "postgres://u:p@db", "OMP_NUM_THREADS": "4"}})[1]
+    assert env_line == "env: DATABASE_URL=*** OMP_NUM_THREADS=4"
+    # nor in errors: a mistyped secret is not echoed back
+    assert main(["config", "show", "serve", "job.env_vars.HF_TOKEN=[sk-live-9]"]) == 2
+    assert "sk-live-9" not in capsys.readouterr().err
+
+
+def _record(out: Path, **state) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps({"url": "http://127.0.0.1:8000", **state}))
+
+
+def test_serve_stop_signals_only_the_server_its_record_names(tmp_path, capsys):
+    """A stale serve.json whose pid now belongs to another program must not stop that program."""
+    import subprocess
+
+    from rlhf.serve import _process_identity, stop
+
+    cfg = load_config("serve", None, [f"output_dir={tmp_path / 'serve'}"])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        # The record of a server that died, its pid since reused by `sleep` (another start time).
+        _record(tmp_path / "serve", pid=bystander.pid, started=1.0, cmdline=["python", "rlhf", "serve"])
+        assert stop(cfg) is False
+        assert bystander.poll() is None, "an unrelated process was signalled"
+        assert "stale record (nothing was signalled)" in capsys.readouterr().out
+        assert not (tmp_path / "serve" / "serve.json").exists()
+        # The record of this very process (as a server writes it): that one is stopped.
+        _record(tmp_path / "serve", pid=bystander.pid, **_process_identity(bystander.pid))
+        assert stop(cfg, timeout_s=10) is True
+        assert bystander.wait(10) == -15  # SIGTERM
+    finally:
+        bystander.kill()
+
+
+@pytest.mark.parametrize("state", [{"pid": -1}, {"pid": 0}, {"pid": 1}, {"pid": "12"}, {"pid": True}, {}])
+def test_serve_stop_refuses_a_record_rlhf_did_not_write(state, tmp_path):
+    from rlhf.config import ConfigError
+    from rlhf.serve import stop
+
+    _record(tmp_path / "serve", **state)
+    cfg = load_config("serve", None, [f"output_dir={tmp_path / 'serve'}"])
+    with pytest.raises(ConfigError, match="must be a process id above 1"):
+        stop(cfg)
+    (tmp_path / "serve" / "serve.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a server record"):
+        stop(cfg)
+    assert (tmp_path / "serve" / "serve.json").exists()  # left for the user to look at
