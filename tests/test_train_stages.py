@@ -312,6 +312,8 @@ def test_ctrl_c_during_sft_says_interrupted_and_how_to_continue(tiny_model_dir, 
     argv = ["sft", f"model.path={tiny_model_dir}", f"output_dir={out}", "sample_prompts=[]", "data.max_records=64",
             "scaling.workers=1", "optim.batch_size=8"]
     previous = signal.getsignal(signal.SIGINT)
+    # As in a terminal: a shell starts background jobs (`make test &`) with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def press_ctrl_c():
         _RayTrainOnTheDriver.started.wait(120)
