@@ -965,8 +965,10 @@ def mask_url(text: str) -> str:
             userinfo, host = netloc.rsplit("@", 1)
             user = userinfo.split(":", 1)[0]
             netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
-        query = [(k, "***" if v and (SECRET_KEY.search(k) or SECRET_QUERY.match(k)) else v)
-                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = [(k, "***" if v and (SECRET_KEY.search(k) or SECRET_QUERY.match(k)) else v) for k, v in pairs]
+        if netloc == parts.netloc and query == pairs:
+            return text  # nothing to hide: the URL exactly as given
         return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
     except ValueError:  # not parseable after all: show none of it
         return "***"

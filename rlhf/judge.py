@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from rlhf.config import JudgeConfig, ModelConfig, RewardConfig
+from rlhf.config import JudgeConfig, ModelConfig, RewardConfig, mask_url
 
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
@@ -125,8 +125,6 @@ class HTTPJudge:
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, retries: int = 3, max_reply_bytes: int = 16 * 2**20,
                  api_key: str | None = None, backoff_s: float = 0.5) -> None:
-        from rlhf.config import mask_url
-
         self.url, self.shown = url, mask_url(url)  # credentials in the URL stay out of every message
         self.timeout_s, self.retries, self.max_reply_bytes, self.backoff_s = timeout_s, retries, max_reply_bytes, backoff_s
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}

@@ -79,8 +79,9 @@ def _running_server(state: dict | None) -> int | None:
     whose pid now belongs to another program (the server died, the pid was reused) is stale."""
     if state is None:
         return None
-    now = _process_identity(state["pid"])
-    if now is None or state.get("cmdline") != now["cmdline"] or abs(now["started"] - state.get("started", -1)) > 1.0:
+    now, started = _process_identity(state["pid"]), state.get("started")
+    if now is None or state.get("cmdline") != now["cmdline"] or not isinstance(started, (int, float)) \
+            or abs(now["started"] - started) > 1.0:
         return None
     return state["pid"]
 
