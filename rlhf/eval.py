@@ -34,7 +34,7 @@ import torch
 
 from rlhf.config import EvalConfig, ModelConfig, RolloutConfig
 from rlhf.outputs import StageOutput
-from rlhf.paths import write_atomic, write_file
+from rlhf.paths import write_atomic
 
 log = logging.getLogger("rlhf.eval")
 

@@ -134,13 +134,13 @@ class HTTPJudge:
 
         body = json.dumps({"prompts": prompts, "responses": responses}).encode()
         for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 return self._scores(self._post(body), len(responses))
             except _Transient as exc:
-                if attempt == self.retries:
-                    raise RewardEndpointError(f"reward endpoint {self.shown}: {exc} ({attempt + 1} tries)") from None
-                time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+                failure = exc
+        raise RewardEndpointError(f"reward endpoint {self.shown}: {failure} ({self.retries + 1} tries)")
 
     def _post(self, body: bytes) -> bytes:
         import time

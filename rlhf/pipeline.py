@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf.config import RunConfig, dump_config, save_config
+from rlhf.config import RunConfig, save_config
 from rlhf.eval import format_interval
 from rlhf.outputs import Interrupted, is_current
 from rlhf.paths import claim_dir, is_ours, write_atomic

@@ -198,13 +198,13 @@ def test_each_readme_command_line_parses_and_its_config_loads(command, monkeypat
     is valid. (Running them is the job of the stage tests.)"""
     import shlex
 
-    from rlhf.cli import parse_args
+    from rlhf.cli import _serve_overrides, parse_args
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     args = parse_args(shlex.split(command)[1:])
     stage = args.stage if args.command in ("submit", "config") else args.command
     if stage in STAGES and hasattr(args, "overrides"):
-        overrides = [f"model.path={o}" if "=" not in o else o for o in args.overrides]  # serve's MODEL_DIR
+        overrides = _serve_overrides(args, args.overrides) if args.command == "serve" else args.overrides
         assert load_config(stage, args.config, overrides) is not None
 
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from test_ppo import _cfg, _trained
 
-from rlhf.metrics import read_metrics
 from rlhf.paths import claim_dir
 from rlhf.ppo import STATE_FILE, checkpoints, prune_checkpoints, write_checkpoint
 
