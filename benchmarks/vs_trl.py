@@ -474,10 +474,10 @@ def plot(payload: dict, path: Path) -> None:
                ylabel="mean reward of the step's rollouts")
         ax.legend()
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")  # then renamed: never a half-written file
-    figure.savefig(tmp, dpi=110)
+    from rlhf.plots import save_figure
+
+    save_figure(figure, path)  # under a temp name, then renamed: never a half-written file
     plt.close(figure)
-    tmp.replace(path)
 
 
 def check_trl() -> None:

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rlhf.config import BenchConfig, ModelConfig, RolloutConfig, SamplingConfig, save_config
-from rlhf.paths import claim_dir, write_atomic, write_file
+from rlhf.paths import claim_dir, write_atomic
+from rlhf.plots import save_figure
 
 TARGETS = {"ray_vs_vllm": 0.9, "ray_vs_hf": 3.0, "weight_update_s": 1.0}
 QUICK = {"model": "tiny", "prompts": 16, "max_new_tokens": 32, "repeats": 1}
@@ -463,7 +464,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title("weight update of all engines (median)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    save_figure(fig, path)
     plt.close(fig)
 
 
