@@ -1,9 +1,11 @@
 """DeepSpeed learner groups: N Ray actors wired as the ranks of one torch.distributed job.
 
-``LearnerGroup`` (controller side) starts the actors on placement-group bundles, asks rank 0 for an
-address and a free port, and hands every rank ``RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT`` before
-DeepSpeed initialises (without them DeepSpeed tries MPI discovery and fails). ``Learner`` is the
-base of the policy and critic actors: it owns the DeepSpeed engine and the code both roles share.
+``LearnerGroup`` (controller side) starts the actors on placement-group bundles, has rank 0 start the
+group's store (listening on its node's address only: 127.0.0.1 on a local Ray) and hands every rank
+``RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT``; each rank joins the process group on that store
+before DeepSpeed initialises (which then uses it; without the variables DeepSpeed tries MPI discovery
+and fails). ``Learner`` is the base of the policy and critic actors: it owns the DeepSpeed engine and
+the code both roles share.
 """
 
 from __future__ import annotations
@@ -50,11 +52,17 @@ def free_port() -> int:
 class Learner:
     """One DeepSpeed rank. Subclasses build the model in ``setup`` and define ``train``."""
 
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 listens for the other ranks (called on rank 0 only)."""
+    def address(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Start the group's store and say where it listens (called on rank 0 only)."""
+        from datetime import timedelta
+
         import ray
 
-        return ray.util.get_node_ip_address(), free_port()
+        from actors.weight_sync import master_store
+
+        host = ray.util.get_node_ip_address()
+        self._store = master_store(host, world_size, timedelta(seconds=timeout_s))
+        return host, self._store.port
 
     def init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int,
                          threads: int | None = None, take_turns: bool = False) -> None:
@@ -69,9 +77,22 @@ class Learner:
         from cluster.runtime import clear_stale_build_locks
 
         clear_stale_build_locks()
+        from datetime import timedelta
+
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        from actors.weight_sync import master_store
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if master_addr in ("127.0.0.1", "localhost"):  # a local group: gloo's own sockets on loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        timeout = timedelta(minutes=30)  # torch's default for a process group
+        if rank == 0:  # address() started it; a rank 0 started by hand starts it here
+            store = getattr(self, "_store", None) or master_store(master_addr, world_size, timeout, master_port)
+        else:
+            store = torch.distributed.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        deepspeed.init_distributed(dist_backend=backend)  # takes the group above
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -306,8 +327,8 @@ class LearnerGroup:
         ]
         # Bounded: an actor that cannot be placed or dies starting is an ActorStartError naming the role.
         self.start_timeout_s = start_timeout_s
-        master_addr, master_port = wait_for_actors([self.actors[0].address.remote()], role=f"{name} rank 0",
-                                                   timeout_s=start_timeout_s)[0]
+        master_addr, master_port = wait_for_actors([self.actors[0].address.remote(world_size, start_timeout_s)],
+                                                   role=f"{name} rank 0", timeout_s=start_timeout_s)[0]
         wait_for_actors([
             actor.init_distributed.remote(rank, world_size, master_addr, master_port, threads, take_turns)
             for rank, actor in enumerate(self.actors)

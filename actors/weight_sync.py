@@ -4,8 +4,8 @@ Both end in the same call on the engine side, ``RolloutEngine.update_weights(nam
 
 * Object store: the learner ``ray.put``s :func:`pack_weights` output once (numpy arrays, which Ray
   stores and reads back without copying) and hands the reference to every engine.
-* Broadcast: a ``torch.distributed`` group of its own (a ``TCPStore`` plus ``ProcessGroupGloo`` on the
-  CPU, ``ProcessGroupNCCL`` on GPUs), separate from any default process group the learner's DeepSpeed
+* Broadcast: a ``torch.distributed`` group of its own (a ``TCPStore`` listening on ``host`` only, plus
+  ``ProcessGroupGloo`` on the CPU, ``ProcessGroupNCCL`` on GPUs), separate from any default process group the learner's DeepSpeed
   ranks use. Learner rank 0 holds a :class:`WeightBroadcaster`, each engine a :class:`WeightReceiver`.
   Parameters travel in buckets (several tensors flattened into one broadcast, ``bucket_bytes`` each);
   the list of names, shapes and dtypes goes through the store, so the receivers need no other channel.
@@ -158,6 +158,22 @@ def pack_weights(weights: Weights) -> PackedWeights:
 # --------------------------------------------------------------------------------------------------
 
 
+def master_store(host: str, world_size: int, timeout: timedelta, port: int = 0):
+    """A master ``TCPStore`` that listens on ``host`` only (``port``, or a free one: ``store.port``).
+
+    A TCPStore left to itself listens on every interface ("::"), whatever host it is given, which
+    would put a port of a local run on the network; a socket bound here and handed over is not."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((host, port))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    # detach: the store owns the descriptor from here on (Python must not close it under the store).
+    return torch.distributed.TCPStore(host, port, world_size, is_master=True, timeout=timeout,
+                                      wait_for_workers=False, master_listen_fd=listener.detach())
+
+
 def _make_group(store, rank: int, world_size: int, backend: str, host: str, timeout: timedelta):
     """A process group of our own on ``store``; never touches the default process group."""
     from torch.distributed import ProcessGroupGloo
@@ -216,9 +232,7 @@ class WeightBroadcaster:
         self.backend = backend or default_backend()
         self.bucket_bytes = bucket_bytes
         self.timeout = timedelta(seconds=timeout_s)
-        self.store = torch.distributed.TCPStore(
-            host, 0, self.world_size, is_master=True, timeout=self.timeout, wait_for_workers=False
-        )
+        self.store = master_store(host, self.world_size, self.timeout)
         self.port = self.store.port
         self.group = None
         self._version = 0

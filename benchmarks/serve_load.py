@@ -6,8 +6,16 @@ requests/s, generated tokens/s, latency percentiles, errors (a response other th
 requests (no response: timeout or dropped connection). Then it stops the server (SIGTERM, as
 `rlhf serve --stop` does); the measurements are kept even if the stop is not clean.
 
+``--abuse`` runs every level twice, side by side: once quiet, once while a hostile client sends
+oversized and malformed requests as fast as the server answers them (``--hostile-in-flight`` at a
+time: 2 MiB bodies, 100,000-deep JSON, 5000-digit integers, lone surrogates, 1000 prompts x n=16,
+64-bit-overflowing seeds, streamed or not). The well-behaved clients stream (``--stream``); the table
+and JSON give their p50/p99, errors and lost requests in both runs, the p99 ratio, and what the
+hostile client got back (each must be a 4xx; a 5xx or a dropped connection is counted).
+
     python benchmarks/serve_load.py --output bench-results/serve_load.json
     python benchmarks/serve_load.py --model tiny --requests 100 --output /tmp/serve.json   # quick
+    python benchmarks/serve_load.py --abuse --concurrency 16 --output bench-results/serve_abuse.json
 """
 
 from __future__ import annotations
@@ -44,21 +52,86 @@ def load_prompts(count: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
-async def one_request(http, model: str, prompt: str, max_tokens: int, timeout_s: float) -> dict:
-    """One chat completion: its outcome, latency and generated tokens."""
+async def one_request(http, model: str, prompt: str, max_tokens: int, timeout_s: float, stream: bool = False) -> dict:
+    """One chat completion (streamed: read to [DONE]): its outcome, latency and generated tokens."""
     import httpx
 
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 1.0}
     start = time.perf_counter()
+
+    async def streamed() -> tuple[int, int]:
+        tokens = 0
+        async with http.stream("POST", "/v1/chat/completions",
+                               json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+            if response.status_code != 200:
+                return response.status_code, 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        return 500, 0
+                    tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+        return 200, tokens
+
     try:
-        response = await asyncio.wait_for(http.post("/v1/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 1.0}), timeout_s)
+        if stream:
+            status, tokens = await asyncio.wait_for(streamed(), timeout_s)
+        else:
+            response = await asyncio.wait_for(http.post("/v1/chat/completions", json=body), timeout_s)
+            status = response.status_code
+            tokens = response.json()["usage"]["completion_tokens"] if status == 200 else 0
     except (asyncio.TimeoutError, httpx.HTTPError) as exc:
         return {"outcome": "lost", "why": type(exc).__name__, "latency_s": time.perf_counter() - start}
     latency = time.perf_counter() - start
-    if response.status_code != 200:
-        return {"outcome": "error", "status": response.status_code, "latency_s": latency}
-    return {"outcome": "ok", "latency_s": latency, "tokens": response.json()["usage"]["completion_tokens"]}
+    if status != 200:
+        return {"outcome": "error", "status": status, "latency_s": latency}
+    return {"outcome": "ok", "latency_s": latency, "tokens": tokens}
+
+
+def hostile_requests(model: str) -> list[tuple[str, str, bytes]]:
+    """(name, endpoint, body) of what the hostile client sends; every one must get a 4xx."""
+    chat = "/v1/chat/completions"
+    completions = "/v1/completions"
+
+    def body(**fields) -> bytes:
+        return json.dumps({"model": model, **fields}).encode()
+
+    return [
+        ("2 MiB body", chat, body(messages=[{"role": "user", "content": "hi " * 700_000}])),
+        ("100k-deep JSON", completions, ('{"model": "m", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()),
+        ("5000-digit integer", completions, ('{"model": "m", "prompt": "hi", "max_tokens": ' + "9" * 5000 + "}").encode()),
+        ("lone surrogate", chat, b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+        ("1000 prompts x n=16", completions, body(prompt=["hi"] * 1000, n=16, max_tokens=1)),
+        ("seed 2**64, streamed", chat, body(messages=[{"role": "user", "content": "hi"}], seed=2**64, stream=True)),
+        ("malformed JSON", chat, b'{"model": "m", "messages": [{"role": '),
+        ("unknown parameter", chat, body(messages=[{"role": "user", "content": "hi"}], logit_bias={"1": 100})),
+    ]
+
+
+async def hostile_client(url: str, model: str, stop: asyncio.Event, in_flight: int) -> dict[str, int]:
+    """Send :func:`hostile_requests` round-robin, ``in_flight`` at a time, until ``stop``; counts of
+    "name: status" (or the exception's name when the connection failed)."""
+    import httpx
+
+    requests = hostile_requests(model)
+    counts: dict[str, int] = {}
+
+    async def worker(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            name, endpoint, body = requests[i % len(requests)]
+            i += in_flight
+            try:
+                response = await http.post(endpoint, content=body, headers={"Content-Type": "application/json"})
+                outcome = str(response.status_code)
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            counts[f"{name}: {outcome}"] = counts.get(f"{name}: {outcome}", 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        await asyncio.gather(*(worker(k) for k in range(in_flight)))
+    return counts
 
 
 async def kill_a_replica(http, after_s: float) -> int:
@@ -70,9 +143,10 @@ async def kill_a_replica(http, after_s: float) -> int:
 
 
 async def load_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                     timeout_s: float, kill_after_s: float | None = None) -> dict:
+                     timeout_s: float, kill_after_s: float | None = None, stream: bool = False,
+                     hostile_in_flight: int = 0) -> dict:
     """All ``prompts`` at ``concurrency`` requests in flight (and, with ``kill_after_s``, one replica
-    killed on the way)."""
+    killed on the way; with ``hostile_in_flight``, a hostile client beside them)."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
@@ -80,13 +154,18 @@ async def load_level(url: str, model: str, prompts: list[str], concurrency: int,
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s + 5) as http:
         async def gated(prompt: str) -> dict:
             async with gate:
-                return await one_request(http, model, prompt, max_tokens, timeout_s)
+                return await one_request(http, model, prompt, max_tokens, timeout_s, stream)
 
+        stop = asyncio.Event()
+        hostile = (asyncio.create_task(hostile_client(url, model, stop, hostile_in_flight))
+                   if hostile_in_flight else None)
         start = time.perf_counter()
         killer = asyncio.create_task(kill_a_replica(http, kill_after_s)) if kill_after_s is not None else None
         results = await asyncio.gather(*(gated(p) for p in prompts))
         wall = time.perf_counter() - start
         killed = await killer if killer is not None else None
+        stop.set()
+        hostile_counts = await hostile if hostile is not None else None
     ok = [r for r in results if r["outcome"] == "ok"]
     latencies_ms = [r["latency_s"] * 1000 for r in ok] or [float("nan")]
     statuses: dict[str, int] = {}
@@ -103,6 +182,7 @@ async def load_level(url: str, model: str, prompts: list[str], concurrency: int,
         "p99_ms": round(percentile(latencies_ms, 99), 1),
         "mean_tokens": round(statistics.mean(r["tokens"] for r in ok), 1) if ok else 0,
         "killed_replica_pid": killed,
+        "hostile": hostile_counts,
     }
 
 
@@ -113,11 +193,19 @@ def print_table(levels: list[dict], title: str) -> None:
     table = Table(title=title)
     columns = ("concurrency", "requests", "ok", "errors", "lost", "requests_per_s", "tokens_per_s",
                "p50_ms", "p95_ms", "p99_ms")
+    if any(level.get("run") for level in levels):
+        columns = ("run", *columns, "p99_ratio")
     for column in columns:
         table.add_column(column.replace("_per_s", "/s").replace("_ms", " ms"), justify="right")
     for level in levels:
-        table.add_row(*(str(level[c]) for c in columns))
-    Console(width=140).print(table)
+        table.add_row(*(str(level.get(c, "")) for c in columns))
+    Console(width=160).print(table)
+
+
+def hostile_summary(counts: dict[str, int]) -> tuple[int, int]:
+    """(hostile requests answered with a 4xx, those that were not: a 5xx or a failed connection)."""
+    refused = sum(n for key, n in counts.items() if key.rsplit(": ", 1)[1].startswith("4"))
+    return refused, sum(counts.values()) - refused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-replica", type=float, default=float(os.cpu_count() or 2))
     parser.add_argument("--kill-replica-after", type=float, default=None,
                         help="fault injection: SIGKILL one replica this many seconds into each level")
+    parser.add_argument("--stream", action="store_true", help="the well-behaved clients stream (on with --abuse)")
+    parser.add_argument("--abuse", action="store_true",
+                        help="run each level quiet and then beside a hostile client; compare the p99s")
+    parser.add_argument("--hostile-in-flight", type=int, default=2, help="the hostile client's requests at once")
     parser.add_argument("--output", required=True, help="JSON results file")
     args = parser.parse_args(argv)
 
@@ -149,9 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         startup_s = time.perf_counter() - started
         try:
             asyncio.run(load_level(url, "bench", prompts[:4], 4, args.max_tokens, args.request_timeout))  # warm-up
-            levels = [asyncio.run(load_level(url, "bench", prompts, c, args.max_tokens, args.request_timeout,
-                                             args.kill_replica_after))
-                      for c in args.concurrency]
+            stream = args.stream or args.abuse
+            levels = []
+            for c in args.concurrency:
+                quiet = asyncio.run(load_level(url, "bench", prompts, c, args.max_tokens, args.request_timeout,
+                                               args.kill_replica_after, stream))
+                levels.append(quiet)
+                if args.abuse:
+                    quiet["run"] = "quiet"
+                    abused = asyncio.run(load_level(url, "bench", prompts, c, args.max_tokens, args.request_timeout,
+                                                    args.kill_replica_after, stream, args.hostile_in_flight))
+                    abused["run"] = "hostile client"
+                    abused["p99_ratio"] = round(abused["p99_ms"] / quiet["p99_ms"], 2)
+                    abused["hostile_refused"], abused["hostile_not_refused"] = hostile_summary(abused["hostile"])
+                    levels.append(abused)
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -165,14 +268,22 @@ def main(argv: list[str] | None = None) -> int:
              f"loopback)")
     print_table(levels, title)
     payload = {
-        "model": args.model, "replicas": args.replicas, "max_tokens": args.max_tokens,
+        "model": args.model, "replicas": args.replicas, "max_tokens": args.max_tokens, "stream": stream,
         "request_timeout_s": args.request_timeout, "server_startup_s": round(startup_s, 1),
         "stopped_cleanly": stopped_cleanly, "load_average": os.getloadavg(),
-        "levels": {str(level["concurrency"]): level for level in levels},
+        "levels": {f"{level['concurrency']}{'/' + level['run'] if level.get('run') else ''}": level
+                   for level in levels},
     }
     print(f"server start {startup_s:.0f} s; stopped cleanly: {stopped_cleanly}")
+    for level in levels:
+        if level.get("hostile"):
+            print(f"hostile client at concurrency {level['concurrency']}: {level['hostile_refused']} refused with "
+                  f"a 4xx, {level['hostile_not_refused']} not; " + ", ".join(f"{k} x{n}" for k, n in
+                                                                          sorted(level["hostile"].items())))
     print(f"wrote {write_atomic(args.output, json.dumps(payload, indent=2))}")
-    return 0 if all(level["errors"] == 0 and level["lost"] == 0 for level in levels) else 1
+    clean = all(level["errors"] == 0 and level["lost"] == 0 and not level.get("hostile_not_refused")
+                for level in levels)
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections import defaultdict
+from pathlib import Path
 
 from rlhf.config import RayConfig
 
@@ -56,16 +58,28 @@ def wait_for_actors(refs: list, *, role: str, timeout_s: float) -> list:
         raise ActorStartError(f"{role} failed to start: {cause}{hint}") from None
 
 
+def _build_running_in(folder: Path) -> bool:
+    """Whether a process works in ``folder`` (a build's ninja and compilers run there) or names it."""
+    import psutil
+
+    for process in psutil.process_iter(["cwd", "cmdline"]):
+        cwd, cmdline = process.info.get("cwd"), process.info.get("cmdline") or []
+        if (cwd and Path(cwd) == folder) or any(str(folder) in part for part in cmdline):
+            return True
+    return False
+
+
 def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
-    """Remove torch extension build locks older than ``max_age_s``; returns their paths.
+    """Remove torch extension build locks older than ``max_age_s`` whose build no process is still
+    running; returns their paths.
 
     DeepSpeed builds its CPU communication op on first use, under a lock file that torch waits on for
     as long as it exists. A build killed half way (a Ray worker killed while it started) leaves the
     lock behind, and every later DeepSpeed start on that machine would wait forever. A build takes
-    about a minute, so a lock minutes old has no live owner. Called where DeepSpeed starts."""
+    about a minute; a lock minutes old is removed unless a process still works in its folder (a slow
+    build on a loaded machine). Called where DeepSpeed starts."""
     import logging
     import time
-    from pathlib import Path
 
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -74,7 +88,7 @@ def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
         try:
             age = time.time() - lock.stat().st_mtime
-            if age > max_age_s:
+            if age > max_age_s and not _build_running_in(lock.parent):
                 lock.unlink()
                 removed.append(str(lock))
                 logging.getLogger(__name__).warning(
@@ -90,11 +104,36 @@ def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
 _NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_local_workers() -> None:
-    """Runs in every worker of a local Ray (``worker_process_setup_hook``): mutes the warning above."""
+def setup_local_worker() -> None:
+    """Runs in every worker of a local Ray (``worker_process_setup_hook``): mutes the warning above,
+    and keeps Serve replicas' gRPC servers on loopback (:func:`_grpc_ports_on_loopback`)."""
     import logging
 
     logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
+    _grpc_ports_on_loopback()
+
+
+def _grpc_ports_on_loopback() -> None:
+    """Ray Serve replicas bind their inter-deployment gRPC server to ``[::]:0``, every interface,
+    whatever the node's address. On a local Ray all traffic is loopback, so the port is bound to
+    127.0.0.1 instead: Ray's helper is wrapped before Serve's replica module takes it by name."""
+    import sys
+
+    from ray._common import tls_utils
+
+    bind = tls_utils.add_port_to_grpc_server
+    if getattr(bind, "on_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        host, _, port = address.rpartition(":")
+        return bind(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    on_loopback.on_loopback = True
+    tls_utils.add_port_to_grpc_server = on_loopback
+    replica = sys.modules.get("ray.serve._private.replica")
+    if replica is not None:  # imported before this hook ran
+        replica.add_port_to_grpc_server = on_loopback
 
 
 def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -> None:
@@ -120,7 +159,7 @@ def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    runtime_env = {"worker_process_setup_hook": "cluster.runtime.quiet_local_workers", **(runtime_env or {})}
+    runtime_env = {"worker_process_setup_hook": "cluster.runtime.setup_local_worker", **(runtime_env or {})}
     ray.init(
         # "local": always a fresh instance. Without it ray.init() joins whatever cluster `ray start`
         # last started on this machine (someone else's, say) and competes for its resources.
@@ -132,6 +171,33 @@ def init_ray(cfg: RayConfig | None = None, *, runtime_env: dict | None = None) -
         runtime_env=runtime_env,
         log_to_driver=True,
     )
+
+
+def listeners_beyond_loopback(root_pid: int) -> list[str]:
+    """The sockets of the process tree under ``root_pid`` that listen on an address other than
+    loopback (TCP listening, or UDP bound), as ``"pid name address:port"``: empty when nothing that
+    tree opened can be reached from another machine."""
+    import ipaddress
+
+    import psutil
+
+    root = psutil.Process(root_pid)
+    names = {root.pid: root.name()}
+    for child in root.children(recursive=True):
+        try:
+            names[child.pid] = child.name()
+        except psutil.Error:  # it exited meanwhile
+            pass
+    found = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.pid not in names or not conn.laddr:
+            continue
+        listening = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and not conn.raddr)
+        address = ipaddress.ip_address(conn.laddr.ip.split("%")[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        if listening and not (mapped or address).is_loopback:
+            found.append(f"{conn.pid} {names[conn.pid]} {conn.laddr.ip}:{conn.laddr.port}")
+    return sorted(found)
 
 
 def _fmt(resources: dict[str, float]) -> str:

@@ -7,6 +7,12 @@ HF ``generate`` where vLLM is absent; rlhf/inference.py) and scale with load. Re
 errors live in rlhf/openai_api.py; the stage that starts and stops the app (``rlhf serve``) in
 rlhf/serve.py. Replica count, autoscaling and resources come from :class:`~rlhf.config.ServeConfig`
 (:func:`build_app`).
+
+One request cannot starve the others: the ingress refuses a body beyond ``max_body_bytes`` (413)
+before parsing it, bounds what a request may ask for (``max_n``, ``max_prompts``, ``max_choices``,
+``max_request_tokens``: 400), refuses work beyond ``max_pending_choices`` (429 with Retry-After), and
+parses and tokenises on a worker thread, so /health and other clients are answered meanwhile. Every
+error is an OpenAI error body; no traceback reaches a client (the server log has the details).
 """
 
 from __future__ import annotations
@@ -15,13 +21,17 @@ import asyncio
 import hmac
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -34,7 +44,15 @@ log = logging.getLogger("rlhf.serve")
 
 API_KEY_ENV = "RLHF_API_KEY"
 
-app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None)
+app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None, openapi_url=None)  # ours: GET /openapi.json
+
+
+@app.exception_handler(HTTPException)
+async def _openai_error_body(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown paths (404) and methods (405) get OpenAI's error body too, not FastAPI's ``detail``."""
+    error = api.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                         code="not_found" if exc.status_code == 404 else None)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def resolve_api_key(cfg: ServeConfig) -> str | None:
@@ -90,6 +108,10 @@ def model_limit(cfg: ServeConfig, path: str) -> int:
     return min(cfg.max_model_len, trained)
 
 
+class ReplicaLost(Exception):
+    """Every try of a streamed choice found its replica gone."""
+
+
 @serve.deployment
 class GenerationReplica:
     """One engine (vLLM, or HF generate): token ids in, text deltas out. The deployment that scales."""
@@ -100,14 +122,19 @@ class GenerationReplica:
         cfg = ServeConfig.model_validate(cfg)
         model = cfg.model
         path = resolve_model_path(model.path)
-        if cfg.adapter_path:
-            path = merge_adapter(model, cfg.adapter_path, tempfile.mkdtemp(prefix="rlhf-serve-merged-"))
-        if resolve_backend(cfg.backend) == "vllm":
-            self.engine = VLLMStreamer(path, dtype=model.dtype, max_model_len=model_limit(cfg, path),
-                                       kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed,
-                                       trust_remote_code=model.trust_remote_code)
-        else:
-            self.engine = HFStreamer(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+        merged = tempfile.mkdtemp(prefix="rlhf-serve-merged-") if cfg.adapter_path else None
+        try:
+            if merged:
+                path = merge_adapter(model, cfg.adapter_path, merged)
+            if resolve_backend(cfg.backend) == "vllm":
+                self.engine = VLLMStreamer(path, dtype=model.dtype, max_model_len=model_limit(cfg, path),
+                                           kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed,
+                                           trust_remote_code=model.trust_remote_code)
+            else:
+                self.engine = HFStreamer(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+        finally:  # the engine holds the merged weights (and tokenizer) in memory now: the folder goes
+            if merged:
+                shutil.rmtree(merged, ignore_errors=True)
 
     async def stream(self, prompt_ids: list[int], sampling: SamplingConfig) -> AsyncIterator[Delta]:
         async for delta in self.engine.stream(prompt_ids, sampling):
@@ -146,6 +173,10 @@ class OpenAIServer:
         self.tokenizer = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
         self.chat_template = has_chat_template(self.tokenizer)
         self.max_model_len = model_limit(self.cfg, path)
+        # Parsing and tokenising run here, off the event loop; one thread, because a fast tokenizer
+        # must not be used by two threads at once.
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="rlhf-tokenize")
+        self.pending_choices = 0  # completions accepted and not yet finished (max_pending_choices)
 
     # Checks shared by the routes ---------------------------------------------------------------
 
@@ -182,8 +213,62 @@ class OpenAIServer:
     def _chat_prompt_ids(self, request: api.ChatRequest) -> list[int]:
         from rlhf.data.tokenize import render_prompt
 
-        text = render_prompt(self.tokenizer, [m.model_dump() for m in request.messages])
+        text = render_prompt(self.tokenizer, [m.for_template() for m in request.messages])
         return self.tokenizer(text, add_special_tokens=not self.chat_template).input_ids
+
+    async def _off_loop(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def _parse(self, request: Request, kind: type[api._Request]) -> api._Request:
+        """The validated body; beyond ``max_body_bytes`` a 413, refused before anything is parsed."""
+        limit = self.cfg.max_body_bytes
+
+        def too_large(size: int) -> api.APIError:
+            return api.APIError(413, f"the request body has {'at least ' if size > limit else ''}{size} bytes; this "
+                                f"server takes at most {limit} (max_body_bytes)", code="request_too_large")
+
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(int(declared))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(size)
+            chunks.append(chunk)
+        body = await self._off_loop(api.parse_request, b"".join(chunks), kind)
+        self._check_model(body)
+        return body
+
+    def _check_counts(self, body: api._Request, prompts: int) -> None:
+        cfg = self.cfg
+        if body.n > cfg.max_n:
+            raise api.APIError(400, f"n is {body.n}; this server gives at most {cfg.max_n} completions per prompt "
+                               "(max_n)", param="n")
+        if prompts > cfg.max_prompts:
+            raise api.APIError(400, f"{prompts} prompts in one request; this server takes at most {cfg.max_prompts} "
+                               "(max_prompts): send them in several requests", param="prompt")
+        if prompts * body.n > cfg.max_choices:
+            raise api.APIError(400, f"{prompts} prompts x n={body.n} asks for {prompts * body.n} completions; this "
+                               f"server gives at most {cfg.max_choices} per request (max_choices)", param="n")
+
+    def _admit(self, choices: int) -> Callable[[], None]:
+        """Count ``choices`` completions as pending, or refuse with 429 when the server holds
+        ``max_pending_choices`` already. Returns the (idempotent) release."""
+        limit = self.cfg.max_pending_choices
+        if self.pending_choices + choices > limit:
+            raise api.APIError(429, f"the server is busy: {self.pending_choices} completions are pending and it holds "
+                               f"at most {limit} (max_pending_choices); retry shortly", type="rate_limit_error",
+                               code="server_busy", headers={"Retry-After": "1"})
+        self.pending_choices += choices
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.pending_choices -= choices
+        return release
 
     # Routes -------------------------------------------------------------------------------------
 
@@ -196,30 +281,45 @@ class OpenAIServer:
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         return {"status": "ok", "model": self.name, **info}
 
+    @app.get("/openapi.json")
+    async def openapi(self):
+        """Open to all (no key), like /health: the request schemas, for clients and fuzzers."""
+        return api.openapi_spec(self.name)
+
     @app.get("/v1/models")
     async def models(self, request: Request):
         return await self._answer(request, lambda: api.models_response(self.name, self.created))
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request):
+        def card() -> dict:
+            if model_id != self.name:
+                raise api.APIError(404, f"model '{model_id}' does not exist; this server serves '{self.name}'",
+                                   param="model", code="model_not_found")
+            return api.model_card(self.name, self.created)
+        return await self._answer(request, card)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         async def handle():
-            body = api.parse_request(await request.body(), api.ChatRequest)
-            self._check_model(body)
-            prompt_ids = self._chat_prompt_ids(body)
+            body = await self._parse(request, api.ChatRequest)
+            self._check_counts(body, prompts=1)
+            prompt_ids = await self._off_loop(self._chat_prompt_ids, body)
             return await self._complete(body, [prompt_ids], chat=True)
         return await self._answer(request, handle)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         async def handle():
-            body = api.parse_request(await request.body(), api.CompletionRequest)
-            self._check_model(body)
-            prompts = [self.tokenizer(p).input_ids for p in body.prompts]
+            body = await self._parse(request, api.CompletionRequest)
+            self._check_counts(body, prompts=len(body.prompts))
+            prompts = await self._off_loop(lambda: [self.tokenizer(p).input_ids for p in body.prompts])
             return await self._complete(body, prompts, chat=False)
         return await self._answer(request, handle)
 
     async def _answer(self, request: Request, handle):
-        """Run a route's handler; APIErrors become OpenAI error bodies with their status."""
+        """Run a route's handler; APIErrors become OpenAI error bodies with their status, and anything
+        unexpected a 500 with the same body and no details (those go to the server log)."""
         try:
             self._authorize(request)
             result = handle()
@@ -227,6 +327,11 @@ class OpenAIServer:
                 result = await result
         except api.APIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.url.path)
+            error = api.APIError(500, "the server failed to handle this request (its log has the details)",
+                                 type="server_error", code="internal_error")
+            return JSONResponse(error.body(), status_code=500)
         return result if not isinstance(result, dict) else JSONResponse(result)
 
     # Generation ---------------------------------------------------------------------------------
@@ -237,12 +342,25 @@ class OpenAIServer:
         sampling = body.sampling(self._max_tokens(body, longest))
         jobs = [(ids, one_completion(sampling, j)) for ids in prompts for j in range(body.n)]
         prompt_tokens = sum(len(ids) for ids in prompts)
+        asked = prompt_tokens + len(jobs) * sampling.max_new_tokens
+        if asked > self.cfg.max_request_tokens:
+            raise api.APIError(400, f"this request asks for up to {asked} tokens (prompts plus n x max_tokens per "
+                               f"prompt); this server takes at most {self.cfg.max_request_tokens} per request "
+                               "(max_request_tokens)", param="max_tokens")
+        release = self._admit(len(jobs))
         request_id = api.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(self._stream_events(request_id, body, jobs, prompt_tokens, chat=chat),
-                                     media_type="text/event-stream")
-        results: list[Delta] = await asyncio.gather(
-            *(self._call_engine(lambda ids=ids, s=s: self.engine.complete.remote(ids, s)) for ids, s in jobs))
+            events = self._stream_events(request_id, body, jobs, prompt_tokens, chat=chat, release=release)
+            weakref.finalize(events, release)  # a stream never started gives its place back too
+            return StreamingResponse(events, media_type="text/event-stream")
+        calls = [asyncio.ensure_future(self._call_engine(lambda ids=ids, s=s: self.engine.complete.remote(ids, s)))
+                 for ids, s in jobs]
+        try:
+            results: list[Delta] = await asyncio.gather(*calls)
+        finally:  # one failed or the client left: the others stop too
+            for call in calls:
+                call.cancel()
+            release()
         texts = [(r.text, r.finish_reason) for r in results]
         if not chat and getattr(body, "echo", False):
             texts = [(self.tokenizer.decode(jobs[i][0]) + text, reason) for i, (text, reason) in enumerate(texts)]
@@ -262,9 +380,10 @@ class OpenAIServer:
                            code="replica_unavailable", headers={"Retry-After": "1"})
 
     async def _stream_events(self, request_id: str, body: api._Request, jobs: list, prompt_tokens: int, *,
-                             chat: bool) -> AsyncIterator[str]:
+                             chat: bool, release: Callable[[], None]) -> AsyncIterator[str]:
         """Server-sent events: every choice's deltas as they come (interleaved), then [DONE].
-        A client that disconnects cancels this generator, which aborts its engine requests."""
+        A client that disconnects cancels this generator, which aborts its engine requests. A failure
+        after the 200 is an error event with OpenAI's body and no details (those go to the log)."""
         events: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt_ids: list[int], sampling) -> None:
@@ -286,7 +405,7 @@ class OpenAIServer:
                     return
                 finally:
                     stream.cancel()  # a client that left stops its generation on the replica
-            await events.put((index, RuntimeError("the model replica handling this request failed; retry")))
+            await events.put((index, ReplicaLost()))
 
         tasks = [asyncio.create_task(pump(i, ids, s)) for i, (ids, s) in enumerate(jobs)]
         completion_tokens, open_choices = 0, len(jobs)
@@ -298,8 +417,11 @@ class OpenAIServer:
                 index, item = await events.get()
                 if isinstance(item, Exception):
                     log.error("generation failed in a stream: %r", item)
-                    yield api.sse(api.APIError(503, f"generation failed: {item}; retry", type="server_error",
-                                               code="replica_unavailable").body())
+                    lost = isinstance(item, (RayActorError, ReplicaLost))
+                    message = ("the model replica handling this request failed; retry" if lost
+                               else "generation failed (the server log has the details)")
+                    yield api.sse(api.APIError(503 if lost else 500, message, type="server_error",
+                                               code="replica_unavailable" if lost else "internal_error").body())
                     return
                 delta: Delta = item
                 completion_tokens += delta.tokens
@@ -318,6 +440,7 @@ class OpenAIServer:
         finally:
             for task in tasks:
                 task.cancel()
+            release()
 
 
 def build_app(cfg: ServeConfig):

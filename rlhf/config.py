@@ -604,6 +604,19 @@ class ServeConfig(StageConfig):
     replica_retries: int = Field(2, ge=0, description="a request whose replica dies is retried on another this often")
     ingress_replicas: int = Field(1, gt=0, description="HTTP ingress replicas (light: validate and forward)")
     shutdown_grace_s: float = Field(5.0, ge=0, description="on stop, how long replicas may finish requests in flight")
+    allow_ray_without_auth: bool = Field(
+        False, description="serve even when RAY_AUTH_MODE=disabled, with Ray's ports open to anyone who can reach "
+        "them (they run code they are sent)")
+    # What one request may ask for, so that no client can starve the others (README: Serving limits).
+    max_body_bytes: int = Field(1 << 20, gt=0, description="request bodies beyond this get 413 before they are parsed")
+    max_n: int = Field(16, gt=0, description="completions per prompt (the request's n)")
+    max_prompts: int = Field(64, gt=0, description="prompts in one /v1/completions request")
+    max_choices: int = Field(64, gt=0, description="completions in one request: prompts x n")
+    max_request_tokens: int = Field(
+        65536, gt=0, description="tokens one request may occupy: its prompts' tokens plus n x max_tokens per prompt")
+    max_pending_choices: int = Field(
+        256, gt=0, description="completions the server holds at once (running or queued); a request that would "
+        "go beyond gets 429 with Retry-After")
 
     @field_validator("api_key")
     @classmethod

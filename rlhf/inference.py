@@ -38,8 +38,9 @@ class Delta:
 
 
 def one_completion(sampling: SamplingConfig, index: int) -> SamplingConfig:
-    """The sampling of completion ``index`` of a request: ``n = 1`` and its own seed."""
-    seed = None if sampling.seed is None else sampling.seed + index
+    """The sampling of completion ``index`` of a request: ``n = 1`` and its own seed (kept in
+    [0, 2**63), which every engine takes, whatever 64-bit seed the request gave)."""
+    seed = None if sampling.seed is None else (sampling.seed + index) % 2**63
     return sampling.model_copy(update={"n": 1, "seed": seed})
 
 

@@ -3,7 +3,10 @@
 Requests are validated here into :class:`ChatRequest` / :class:`CompletionRequest`; anything wrong
 is an :class:`APIError` with the HTTP status and OpenAI's error body
 (``{"error": {"message", "type", "param", "code"}}``), so the app never answers a bad request with a
-500. Response bodies and streaming chunks are built by the functions at the bottom.
+500. What clients commonly send is accepted as OpenAI's API and vLLM's server accept it: content-part
+arrays, the ``developer`` role, and parameters whose value means "off" (``logprobs: false``,
+``frequency_penalty: 0``, ...: :data:`NO_OP_VALUES`); a 400 is kept for what this server cannot do.
+Response bodies and streaming chunks are built by the functions at the bottom.
 """
 
 from __future__ import annotations
@@ -17,8 +20,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlhf.config import SamplingConfig
 
-MAX_N = 16
-MAX_STOP = 4
+MAX_STOP = 4  # OpenAI's own limit
+# Seeds are 64-bit, as in OpenAI's API; completion j of a request samples with (seed + j) mod 2**63.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+# Parameters of OpenAI's API (or vLLM's server) that this server does not implement, with the values
+# that ask for nothing (what common clients send by default): those are accepted and ignored; any
+# other value is a 400 naming the parameter, so a client never believes a setting took effect.
+NO_OP_VALUES: dict[str, tuple] = {
+    "logprobs": (None, False, 0),  # chat: a bool, completions: an int
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),  # without tools, "auto" chooses none
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "modalities": (None, ["text"]),
+    "ignore_eos": (None, False),
+    "skip_special_tokens": (None, True),
+}
 
 
 class APIError(Exception):
@@ -39,11 +69,37 @@ class APIError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 
+class TextPart(BaseModel):
+    """One part of a message's content array; only text parts exist for a text model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted, as OpenAI's API does; the chat template sees role and content
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            kinds = {part.get("type") for part in value if isinstance(part, dict)} - {"text"}
+            if kinds:
+                raise ValueError(f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
+                                 "this server takes text parts only")
+        return value
+
+    def for_template(self) -> dict[str, str]:
+        """The message as chat templates expect it: text content; ``developer`` (OpenAI's newer name
+        for the system message) as ``system``."""
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(BaseModel):
@@ -59,12 +115,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1)  # its upper bound is the server's (ServeConfig.max_n)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, le=2**31 - 1)  # vLLM's extension; -1: off
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)  # vLLM's extension
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as many clients send it
@@ -85,7 +143,10 @@ class _Request(BaseModel):
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_tokens,
+        if self.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=max_tokens, min_new_tokens=self.min_tokens,
                               stop=list(self.stop or []), n=self.n, seed=self.seed)
 
 
@@ -132,8 +193,23 @@ def parse_request(raw: bytes, kind: type[_Request]) -> _Request:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise APIError(400, f"the request body is not acceptable JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:  # JSON may escape lone surrogates ("\\ud800"), which no tokenizer can encode
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds invalid Unicode (a lone surrogate escape such as \\ud800)") from None
+    for key, allowed in NO_OP_VALUES.items():
+        if key in data:
+            value = data.pop(key)
+            if not any(value == ok and type(value) is not bool or value is ok for ok in allowed):
+                shown = ", ".join(json.dumps(ok) for ok in allowed)
+                raise APIError(400, f"'{key}' is not supported by this server; it accepts only {shown} "
+                               f"(got {json.dumps(value)[:80]})", param=key, code="unsupported_parameter")
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
@@ -213,5 +289,45 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def model_card(name: str, created: int) -> dict:
+    """What ``GET /v1/models/{name}`` answers (and each entry of ``GET /v1/models``)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "rlhf"}
+
+
 def models_response(name: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "rlhf"}]}
+    return {"object": "list", "data": [model_card(name, created)]}
+
+
+def openapi_spec(model: str) -> dict:
+    """The API's OpenAPI 3.1 document (``GET /openapi.json``), request bodies from the pydantic
+    models above, so that clients and fuzzers (tests/test_serve_fuzz.py) see what the server takes."""
+    components: dict[str, dict] = {}
+
+    def body_schema(kind: type[_Request]) -> dict:
+        schema = kind.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        schema["properties"]["model"]["example"] = model
+        components[kind.__name__] = schema
+        return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{kind.__name__}"}}}}
+
+    error = {"description": "an OpenAI error body", "content": {"application/json": {"schema": {"type": "object"}}}}
+    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    answers = {"200": ok, "400": error, "401": error, "404": error, "413": error, "429": error}
+    bearer = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rlhf serve", "version": "1"},
+        "paths": {
+            "/v1/chat/completions": {"post": {"operationId": "chat", "requestBody": body_schema(ChatRequest),
+                                              "responses": answers, "security": bearer}},
+            "/v1/completions": {"post": {"operationId": "completions", "requestBody": body_schema(CompletionRequest),
+                                         "responses": answers, "security": bearer}},
+            "/v1/models": {"get": {"operationId": "models", "responses": answers, "security": bearer}},
+            "/v1/models/{model_id}": {"get": {
+                "operationId": "model", "responses": answers, "security": bearer,
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+            "/health": {"get": {"operationId": "health", "responses": {"200": ok, "503": error}}},
+        },
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

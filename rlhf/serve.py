@@ -114,6 +114,11 @@ def run(cfg: ServeConfig) -> Path:
     if _running_server(state):
         raise ConfigError(f"output_dir {out}: a server started from it is still running (pid {state['pid']}, "
                           f"{state.get('url')}); stop it with `rlhf serve --stop` or pick another output_dir")
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" and not cfg.allow_ray_without_auth:
+        raise ConfigError("RAY_AUTH_MODE=disabled: without Ray's token authentication, the ports Ray opens for the "
+                          "serve replicas run code sent by anyone who can reach them, whatever api_key and host say. "
+                          "Unset RAY_AUTH_MODE (token authentication is Ray's default), or set "
+                          "allow_ray_without_auth=true to serve anyway")
     check_model_source(resolve_model_path(cfg.model.path))  # fail here, not in every replica
     api_key = resolve_api_key(cfg)  # an empty $RLHF_API_KEY fails here, before anything starts
     if cfg.host not in LOOPBACK and api_key is None:

@@ -246,19 +246,26 @@ def test_ptx_loss_goes_down_on_the_sft_data(tiny_model_dir, tmp_path):
 @pytest.mark.timeout(600)
 def test_broadcast_weight_sync_and_zero3_two_policy_ranks(tiny_model_dir, tmp_path):
     """Two policy ranks under ZeRO-3 stream gathered weights to the engine over a gloo broadcast
-    group; the engine then samples from the updated policy (the logprob check would catch stale weights)."""
+    group; the engine then samples from the updated policy (the logprob check would catch stale weights).
+    Every socket of the run's process tree (this process, its Ray, the actors) listens on loopback only."""
+    import os
+
     import ray
 
+    from cluster.runtime import listeners_beyond_loopback
     from rlhf.ppo import run
 
     out = tmp_path / "broadcast"
+    exposed: list[list[str]] = []
     try:
         run(_cfg(tiny_model_dir, out, "steps=3", "rollout.weight_sync=broadcast", "policy_workers=2",
                  "deepspeed.zero_stage=3", "ppo.advantage=grpo", "ppo.micro_batch_size=4",
                  "ppo.policy_learning_rate=3e-3", "placement.cpus_per_actor=0.2",
-                 "actors_take_turns=false"))  # the actors of a phase at the same time (elsewhere: in turns)
+                 "actors_take_turns=false"),  # the actors of a phase at the same time (elsewhere: in turns)
+            on_step=lambda trainer: exposed.append(listeners_beyond_loopback(os.getpid())))
     finally:
         ray.shutdown()
+    assert len(exposed) == 3 and exposed == [[]] * 3, exposed
     records = _trained(out)
     assert len(records) == 3
     # After every sync the engine's logprobs match the learner's on the same tokens.

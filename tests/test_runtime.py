@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -70,7 +71,6 @@ def test_too_many_cpus(ray_local):
 def test_local_ray_stays_on_loopback_when_ray_is_imported_first():
     """Ray reads its cluster switch at import; a script that imports ray before rlhf (benchmarks did)
     must still get a loopback-only local Ray."""
-    import subprocess
     import sys
 
     script = (
@@ -100,6 +100,15 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
         lock.touch()
     old = time.time() - 3600
     os.utime(stale, (old, old))
+    # An old lock whose build is still running (a process works in its folder) is kept...
+    build = subprocess.Popen(["sleep", "60"], cwd=stale.parent)
+    try:
+        assert clear_stale_build_locks(max_age_s=300) == []
+        assert stale.exists()
+    finally:
+        build.kill()
+        build.wait()
+    # ... and removed once nothing runs there.
     assert clear_stale_build_locks(max_age_s=300) == [str(stale)]
     assert not stale.exists() and fresh.exists()
     assert "stale build lock" in caplog.text

@@ -100,6 +100,22 @@ def test_serve_binds_loopback_by_default_and_warns_without_a_key_elsewhere(caplo
     assert "without an API key" in caplog.text
 
 
+def test_serve_refuses_a_ray_without_authentication_unless_told(monkeypatch, tmp_path):
+    """With RAY_AUTH_MODE=disabled Ray's ports run code from anyone who reaches them: serving stops
+    before anything starts, naming the variable and the override; with the override it goes on."""
+    from rlhf import serve
+    from rlhf.config import ConfigError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setattr(serve, "_check_port_free", lambda host, port: (_ for _ in ()).throw(KeyboardInterrupt))
+    cfg = load_config("serve", None, ["model.path=tiny", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=disabled.*allow_ray_without_auth=true"):
+        serve.run(cfg)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(KeyboardInterrupt):  # told: it goes on to the next check
+        serve.run(cfg.model_copy(update={"allow_ray_without_auth": True}))
+
+
 def test_api_key_is_compared_in_constant_time(monkeypatch):
     """The check goes through hmac.compare_digest (its time does not depend on where the first
     difference is), for right and wrong keys alike."""

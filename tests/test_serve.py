@@ -1,7 +1,8 @@
 """`rlhf serve`: the real Ray Serve app on a free loopback port, driven by the official openai client
 and raw HTTP. One server (tiny model + a LoRA adapter, API key on, two generation replicas) is started
 for the module by the CLI in a subprocess, loses a replica under load, and is stopped at the end with
-SIGINT, as a user's Ctrl-C would."""
+SIGINT, as a user's Ctrl-C would. It holds at most MAX_PENDING completions at once (max_pending_choices),
+so the 429 test can fill it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 API_KEY = "test-key-123"
 NAME = "tiny-aligned"
 CHAT = [{"role": "user", "content": "Say something nice."}]
+MAX_PENDING = 40
+MERGED_BEFORE: set = set()  # adapter merges in the temp folder before the module's server started
+
+
+def merged_folders() -> set:
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("rlhf-serve-merged-*"))
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +55,11 @@ def server(tiny_model_dir, adapter_dir, tmp_path_factory):
 
     scratch = tmp_path_factory.mktemp("serve")
     out = scratch / "out"  # made by rlhf serve (a folder rlhf did not make is refused)
+    MERGED_BEFORE.update(merged_folders())
     process, url = spawn([str(tiny_model_dir), f"adapter_path={adapter_dir}", f"model_name={NAME}",
                           f"api_key={API_KEY}", "ray.num_cpus=2", "min_replicas=2", "max_replicas=2",
-                          "cpus_per_replica=1", "kv_cache_gib=0.25"],
+                          "cpus_per_replica=1", "kv_cache_gib=0.25", f"max_pending_choices={MAX_PENDING}",
+                          "max_request_tokens=4096", "default_max_tokens=16"],  # keeps the fuzz run short
                          out, port=free_port(), log_path=scratch / "server.log")
     yield url, process, out
     if process.poll() is None:  # the stop test did not run or failed
@@ -114,6 +125,12 @@ def test_chat_greedy_matches_the_merged_model(client, merged_model, tiny_tokeniz
     assert reply.usage.prompt_tokens == len(prompt_ids)
     assert reply.usage.completion_tokens == expected_tokens
     assert reply.usage.total_tokens == len(prompt_ids) + expected_tokens
+
+
+def test_the_replicas_leave_no_merged_model_behind(client):
+    """Each replica merges the adapter into a temporary folder, loads it, and deletes the folder."""
+    assert client.models.list().data  # the replicas are up
+    assert merged_folders() - MERGED_BEFORE == set()
 
 
 def test_chat_stream_gives_the_same_text(client):
@@ -206,6 +223,14 @@ def test_openai_client_with_a_wrong_key_raises(server):
         OpenAI(base_url=server[0] + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_nothing_the_server_started_listens_beyond_loopback(server):
+    """Every socket of `rlhf serve`'s whole process tree (its Ray, the proxy, the replicas) listens on
+    127.0.0.1 only, so nothing but this machine can reach Ray's ports or the API."""
+    from cluster.runtime import listeners_beyond_loopback
+
+    assert listeners_beyond_loopback(server[1].pid) == []
+
+
 def test_health_needs_no_key(server):
     response = httpx.get(server[0] + "/health", timeout=30)
     assert response.status_code == 200 and response.json()["model"] == NAME
@@ -215,11 +240,15 @@ BAD_REQUESTS = yaml.safe_load((Path(__file__).parent / "bad_inputs" / "corpus.ya
 
 
 def corpus_body(case: dict) -> bytes:
-    """A corpus case's request body, with MODEL and LONG_PROMPT filled in."""
+    """A corpus case's request body, with its placeholders filled in."""
     if case.get("raw"):
-        return case["body"].encode()
+        if case["body"] == "OVERSIZED":  # 2 MiB of valid JSON: twice the default max_body_bytes
+            return json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi " * 700_000}]}).encode()
+        return case["body"].replace("DIGITS", "9" * 5000).replace("DEEP", "[" * 100_000 + "]" * 100_000).encode()
     text = json.dumps(case["body"]).replace('"MODEL"', json.dumps(NAME))
-    return text.replace('"LONG_PROMPT"', json.dumps("hi " * 3000)).encode()
+    for name, value in (("LONG_PROMPT", "hi " * 3000), ("MANY_PROMPTS", ["hi"] * 100), ("FORTY_PROMPTS", ["hi"] * 40)):
+        text = text.replace(f'"{name}"', json.dumps(value))
+    return text.encode()
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c["id"] for c in BAD_REQUESTS])
@@ -227,10 +256,105 @@ def test_bad_requests_get_openai_errors(server, case):
     endpoint = "chat/completions" if case["endpoint"] == "chat" else "completions"
     response = httpx.post(f"{server[0]}/v1/{endpoint}", content=corpus_body(case), timeout=30,
                           headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    assert response.status_code == case["status"], response.text
+    assert response.status_code == case["status"], response.text[:500]
+    assert "Traceback" not in response.text and "File \"" not in response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
     assert error["param"] == case["param"], error
+
+
+def test_parameters_common_clients_send_are_accepted(server, client):
+    """Content-part arrays, the developer role and no-op values answer as the plain request does."""
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "system", "content": "Be brief."}, *CHAT],
+                                           max_tokens=8, temperature=0)
+    parts = [{"type": "text", "text": "Say something "}, {"type": "text", "text": "nice."}]
+    same = client.chat.completions.create(
+        model=NAME, messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+        max_tokens=8, temperature=0, logprobs=False, frequency_penalty=0, presence_penalty=0, logit_bias={},
+        response_format={"type": "text"}, store=False)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    assert client.models.retrieve(NAME).id == NAME
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for method, path, status in (("GET", "/v1/models/gpt-4", 404), ("GET", "/v1/nowhere", 404),
+                                 ("GET", "/v1/completions", 405)):
+        response = httpx.request(method, server[0] + path, headers=headers, timeout=30)
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["message"], response.text
+
+
+def test_a_full_server_answers_429_and_still_serves_what_fits(server):
+    """Six clients ask for 16 completions each at once on a server that holds 40: two are admitted
+    (32), the others get 429 with Retry-After at once, and a one-completion chat sent meanwhile still
+    fits. Places are given back when requests end, also when a streaming client leaves early."""
+    import asyncio
+
+    url, headers = server[0], {"Authorization": f"Bearer {API_KEY}"}
+    big = {"model": NAME, "prompt": "Hello", "n": 16, "max_tokens": 250}
+
+    async def burst() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
+            bigs = [asyncio.create_task(http.post("/v1/completions", json=big)) for _ in range(6)]
+            await asyncio.sleep(0.05)
+            small = await http.post("/v1/chat/completions", json={"model": NAME, "messages": CHAT, "max_tokens": 2})
+            return await asyncio.gather(*bigs), small
+
+    answers, small = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) * 16 <= MAX_PENDING or statuses.count(429) == 0
+    for refused in (r for r in answers if r.status_code == 429):
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "server_busy"
+    assert small.status_code == 200, small.text
+
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        hog = {"model": NAME, "prompt": ["Once", "Twice"], "n": 16, "max_tokens": 120, "stream": True}
+        with http.stream("POST", "/v1/completions", json=hog) as stream:  # 32 places, then it leaves
+            assert stream.status_code == 200
+            next(stream.iter_lines())
+        deadline = time.monotonic() + 30
+        while (again := http.post("/v1/completions", json={**hog, "stream": False})).status_code == 429:
+            assert time.monotonic() < deadline, "the stream's places were not given back"
+            time.sleep(0.2)
+        assert again.status_code == 200 and len(again.json()["choices"]) == 32
+
+
+def test_fuzzing_from_the_openapi_schema_finds_no_500_hang_or_traceback(server):
+    """Schemathesis generates valid and invalid requests for every operation of GET /openapi.json
+    (seeded, bounded to about a minute); each is answered within its timeout, below 500, with an
+    OpenAI error body when refused and no traceback anywhere; the server is healthy afterwards."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    url = server[0]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    spec = httpx.get(url + "/openapi.json", timeout=30).json()
+    operations = [result.ok() for result in schemathesis.openapi.from_dict(spec).get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations for mode in schemathesis.GenerationMode])
+    statuses: dict[int, int] = {}
+    stop_at = time.monotonic() + 75
+
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def fuzz(case):
+        if time.monotonic() > stop_at:
+            return
+        response = case.call(base_url=url, headers=headers, timeout=60)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+        assert "Traceback" not in response.text and 'File "' not in response.text, response.text[:300]
+        if response.status_code >= 400:
+            assert response.json()["error"]["message"], response.text[:300]
+
+    fuzz()
+    assert sum(statuses.values()) >= 50 and 200 in statuses and 400 in statuses, statuses
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    reply = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60,
+                       json={"model": NAME, "messages": CHAT, "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
 
 
 # --------------------------------------------------------------------------------------------------
