@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="the well-behaved clients stream (on with --abuse)")
     parser.add_argument("--abuse", action="store_true",
                         help="run each level quiet and then beside a hostile client; compare the p99s")
-    parser.add_argument("--hostile-in-flight", type=int, default=2, help="the hostile client's requests at once")
+    parser.add_argument("--hostile-in-flight", type=int, default=1, help="the hostile client's requests at once (1: one connection)")
     parser.add_argument("--output", required=True, help="JSON results file")
     args = parser.parse_args(argv)
 

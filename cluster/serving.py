@@ -10,7 +10,8 @@ rlhf/serve.py. Replica count, autoscaling and resources come from :class:`~rlhf.
 
 One request cannot starve the others: the ingress refuses a body beyond ``max_body_bytes`` (413)
 before parsing it, bounds what a request may ask for (``max_n``, ``max_prompts``, ``max_choices``,
-``max_request_tokens``: 400), refuses work beyond ``max_pending_choices`` (429 with Retry-After), and
+``max_request_tokens``: 400), refuses work beyond ``max_pending_choices`` (429 with Retry-After), answers a client address that
+keeps sending refused requests more and more slowly (:class:`~rlhf.openai_api.RefusalThrottle`), and
 parses and tokenises on a worker thread, so /health and other clients are answered meanwhile. Every
 error is an OpenAI error body; no traceback reaches a client (the server log has the details).
 """
@@ -177,6 +178,9 @@ class OpenAIServer:
         # must not be used by two threads at once.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rlhf-tokenize")
         self.pending_choices = 0  # completions accepted and not yet finished (max_pending_choices)
+        cfg = self.cfg
+        self.refusals = api.RefusalThrottle(free=cfg.free_refusals, window_s=cfg.refusal_window_s,
+                                            delay_s=cfg.refusal_delay_s, max_delay_s=cfg.max_refusal_delay_s)
 
     # Checks shared by the routes ---------------------------------------------------------------
 
@@ -326,6 +330,8 @@ class OpenAIServer:
             if asyncio.iscoroutine(result):
                 result = await result
         except api.APIError as exc:
+            if 400 <= exc.status < 500 and exc.status != 429:  # the client's fault (a busy server is not)
+                await asyncio.sleep(self.refusals.delay_for(request.client.host if request.client else "?"))
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         except Exception:
             log.exception("request %s %s failed", request.method, request.url.path)

@@ -617,6 +617,13 @@ class ServeConfig(StageConfig):
     max_pending_choices: int = Field(
         256, gt=0, description="completions the server holds at once (running or queued); a request that would "
         "go beyond gets 429 with Retry-After")
+    free_refusals: int = Field(
+        20, ge=0, description="refused requests (4xx but 429) per client address and refusal_window_s answered at "
+        "once; each one beyond waits refusal_delay_s longer for its answer, so a client that keeps sending bad "
+        "requests is throttled at no cost to the server")
+    refusal_window_s: float = Field(10.0, gt=0, description="the window free_refusals counts in")
+    refusal_delay_s: float = Field(0.2, ge=0, description="the added wait per refusal beyond free_refusals (0: none)")
+    max_refusal_delay_s: float = Field(5.0, ge=0, description="the longest a refusal waits")
 
     @field_validator("api_key")
     @classmethod

@@ -95,3 +95,29 @@ def test_min_tokens_beyond_max_tokens_is_a_400_not_a_crash():
     with pytest.raises(APIError) as caught:
         body.sampling(10)
     assert caught.value.status == 400 and caught.value.param == "min_tokens"
+
+
+def test_a_client_that_keeps_being_refused_is_answered_more_and_more_slowly():
+    from rlhf.openai_api import RefusalThrottle
+
+    now = [0.0]
+    throttle = RefusalThrottle(free=3, window_s=10, delay_s=0.5, max_delay_s=2.0, clock=lambda: now[0])
+    delays = [throttle.delay_for("10.0.0.1") for _ in range(8)]
+    assert delays == [0, 0, 0, 0.5, 1.0, 1.5, 2.0, 2.0]  # three free, then 0.5 s more each, capped
+    assert throttle.delay_for("10.0.0.2") == 0  # per address
+    now[0] = 10.5  # the window has passed: free again
+    assert throttle.delay_for("10.0.0.1") == 0
+    off = RefusalThrottle(free=0, window_s=10, delay_s=0, max_delay_s=5, clock=lambda: now[0])
+    assert [off.delay_for("a") for _ in range(3)] == [0, 0, 0]  # refusal_delay_s=0: never
+
+
+def test_the_throttle_forgets_quiet_addresses():
+    from rlhf.openai_api import RefusalThrottle
+
+    now = [0.0]
+    throttle = RefusalThrottle(free=1, window_s=1, delay_s=1, max_delay_s=1, clock=lambda: now[0], max_addresses=3)
+    for i in range(3):
+        throttle.delay_for(f"a{i}")
+    now[0] = 5.0
+    throttle.delay_for("new")
+    assert set(throttle.recent) == {"new"}

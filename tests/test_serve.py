@@ -59,7 +59,9 @@ def server(tiny_model_dir, adapter_dir, tmp_path_factory):
     process, url = spawn([str(tiny_model_dir), f"adapter_path={adapter_dir}", f"model_name={NAME}",
                           f"api_key={API_KEY}", "ray.num_cpus=2", "min_replicas=2", "max_replicas=2",
                           "cpus_per_replica=1", "kv_cache_gib=0.25", f"max_pending_choices={MAX_PENDING}",
-                          "max_request_tokens=4096", "default_max_tokens=16"],  # keeps the fuzz run short
+                          "max_request_tokens=4096", "default_max_tokens=16",  # keeps the fuzz run short
+                          # the corpus and the fuzz run send hundreds of bad requests from one address: no throttle
+                          "refusal_delay_s=0"],
                          out, port=free_port(), log_path=scratch / "server.log")
     yield url, process, out
     if process.poll() is None:  # the stop test did not run or failed
@@ -447,9 +449,16 @@ def test_hf_backend_server_answers_and_stops_with_the_stop_command(tiny_model_di
     from rlhf.serve import free_port, spawn
 
     out = tmp_path / "hf-serve"
-    process, url = spawn([str(tiny_model_dir), "backend=hf", "ray.num_cpus=2"], out, port=free_port(),
-                         log_path=tmp_path / "hf-server.log")
+    process, url = spawn([str(tiny_model_dir), "backend=hf", "ray.num_cpus=2", "free_refusals=2",
+                          "refusal_delay_s=0.5"], out, port=free_port(), log_path=tmp_path / "hf-server.log")
     try:
+        # Refused requests from one address: two answered at once, then 0.5 s longer each.
+        waits = []
+        for _ in range(4):
+            started = time.monotonic()
+            assert httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30).status_code == 404
+            waits.append(time.monotonic() - started)
+        assert waits[2] >= 0.5 and waits[3] >= 1.0, waits
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert httpx.get(url + "/health", timeout=30).json()["backend"] == "hf"
         reply = client.chat.completions.create(model=tiny_model_dir.name, messages=CHAT, max_tokens=6, temperature=0)
