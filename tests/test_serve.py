@@ -265,6 +265,16 @@ def test_bad_requests_get_openai_errors(server, case):
     assert error["param"] == case["param"], error
 
 
+def test_a_body_sent_in_chunks_is_cut_off_at_max_body_bytes(server):
+    """Without a Content-Length the ingress counts what arrives and refuses at 1 MiB, not at the end."""
+    chunk = b" " * 65536
+    body = iter([b'{"model": "' + NAME.encode() + b'", "prompt": "'] + [chunk] * 40 + [b'"}'])  # 2.5 MiB
+    response = httpx.post(f"{server[0]}/v1/completions", content=body, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text[:300]
+    assert "max_body_bytes" in response.json()["error"]["message"]
+
+
 def test_parameters_common_clients_send_are_accepted(server, client):
     """Content-part arrays, the developer role and no-op values answer as the plain request does."""
     plain = client.chat.completions.create(model=NAME, messages=[{"role": "system", "content": "Be brief."}, *CHAT],
