@@ -706,10 +706,14 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
             continue_metrics(out / "metrics.jsonl", trainer.iteration)
         logger = MetricsLogger(out, append=trainer.iteration > 0)
 
+        plotted_at = None  # the step the PNG was last drawn at
+
         def log_step(metrics: dict[str, float]) -> None:
+            nonlocal plotted_at
             logger.log(trainer.iteration, metrics)
             if "eval/judge" in metrics:
                 plot_learning_curves(logger.path, curves)
+                plotted_at = trainer.iteration
 
         if trainer.iteration == 0 and trainer.eval_due():
             log_step(trainer.evaluate())  # step 0: the curve's starting point
@@ -743,7 +747,9 @@ def run(cfg: PPOConfig, on_step: Callable[[PPOTrainer], None] | None = None) -> 
             copy_folder(final / ADAPTER_DIR, out / "adapter", overwrite=cfg.overwrite)
         policy = copy_folder(final / (ADAPTER_DIR if cfg.save_adapter_only else "policy"), out / "final",
                              overwrite=cfg.overwrite)
-        log.info("ppo: learning curves in %s", plot_learning_curves(logger.path, curves))
+        if plotted_at != trainer.iteration:  # the last step's evaluation drew it already
+            plot_learning_curves(logger.path, curves)
+        log.info("ppo: learning curves in %s", curves)
         output.finish()
         return policy
     except KeyboardInterrupt:
