@@ -74,14 +74,13 @@ class Learner:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(torch_threads(threads, take_turns))
-        from cluster.runtime import clear_stale_build_locks
-
-        clear_stale_build_locks()
         from datetime import timedelta
 
-        import deepspeed
-
         from actors.weight_sync import master_store
+        from cluster.runtime import clear_stale_build_locks
+
+        clear_stale_build_locks()  # before DeepSpeed, which would wait on a stale lock
+        import deepspeed
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if master_addr in ("127.0.0.1", "localhost"):  # a local group: gloo's own sockets on loopback too

@@ -5,8 +5,8 @@ Both end in the same call on the engine side, ``RolloutEngine.update_weights(nam
 * Object store: the learner ``ray.put``s :func:`pack_weights` output once (numpy arrays, which Ray
   stores and reads back without copying) and hands the reference to every engine.
 * Broadcast: a ``torch.distributed`` group of its own (a ``TCPStore`` listening on ``host`` only, plus
-  ``ProcessGroupGloo`` on the CPU, ``ProcessGroupNCCL`` on GPUs), separate from any default process group the learner's DeepSpeed
-  ranks use. Learner rank 0 holds a :class:`WeightBroadcaster`, each engine a :class:`WeightReceiver`.
+  ``ProcessGroupGloo`` on the CPU, ``ProcessGroupNCCL`` on GPUs), separate from any default process
+  group the learner's DeepSpeed ranks use. Learner rank 0 holds a :class:`WeightBroadcaster`, each engine a :class:`WeightReceiver`.
   Parameters travel in buckets (several tensors flattened into one broadcast, ``bucket_bytes`` each);
   the list of names, shapes and dtypes goes through the store, so the receivers need no other channel.
 
