@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,12 +40,6 @@ def torch_threads(threads: int | None, take_turns: bool = False) -> int:
     (benchmarks/ppo_step.py)."""
     cores = os.cpu_count() or 2
     return threads or (cores if take_turns else max(1, cores // 2))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Learner:

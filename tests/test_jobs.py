@@ -35,18 +35,13 @@ from cluster.jobs import (
 from rlhf.cli import main
 from rlhf.cli_jobs import job_section
 from rlhf.config import ConfigError, JobConfig, mask_secrets
+from rlhf.serve import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TINY_SFT = [
     "data.max_records=64", "optim.max_steps=2", "optim.eval_every=100", "scaling.workers=1", "sample_prompts=[]",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

@@ -92,7 +92,8 @@ def test_another_models_state_is_refused_before_anything_changes(tmp_path):
 
 DEEPSPEED_RESUME = """
 import sys, tempfile, torch
-from actors.group import Learner, free_port
+from actors.group import Learner
+from rlhf.serve import free_port
 from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
 
 stage = int(sys.argv[1])

@@ -394,7 +394,7 @@ def test_learner_step_gradient_is_the_mean_over_all_its_response_tokens(world):
     import subprocess
     import sys
 
-    from actors.group import free_port
+    from rlhf.serve import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}

@@ -165,7 +165,8 @@ def test_nonfinite_rewards_skip_the_batch_then_stop_the_run(tiny_model_dir, tmp_
 
 STEP_GUARD = """
 import math, sys, torch
-from actors.group import Learner, free_port
+from actors.group import Learner
+from rlhf.serve import free_port
 from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
 
 learner = Learner()

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from actors.group import free_port
 from cluster.runtime import init_ray
 from rlhf.config import RayConfig
+from rlhf.serve import free_port
 
 
 @pytest.mark.timeout(180)
