@@ -93,26 +93,15 @@ class Learner:
         """DeepSpeed engine with an AdamW of ``learning_rate``; batch shape and clipping from ``algo``."""
         from rlhf.training import adamw, deepspeed_config, deepspeed_engine
 
-        self._choose_attention(model, algo.learner_attention)
+        from rlhf.models import use_training_attention
+
+        use_training_attention(model, algo.learner_attention, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0, device=self.device)
         config = deepspeed_config(ds, micro_batch_size=algo.micro_batch_size, grad_accum=algo.grad_accum,
                                   max_grad_norm=algo.max_grad_norm, world=self.world_size, bf16=bf16)
         self.engine = deepspeed_engine(model, optimizer, config)
         self.zero_stage = ds.zero_stage
-
-    def _choose_attention(self, model: torch.nn.Module, choice: str) -> None:
-        """The attention kernel the learner trains with (``ppo.learner_attention``). ``auto``: eager
-        attention on the CPU, the model's own (sdpa) elsewhere. Inside the PPO actors the fused CPU
-        kernel's backward ran 2-3x slower than in a lone process; with eager attention a default-model
-        GRPO step trained in 7.1-7.6 s instead of 9.7-11.8 s (bf16) and 13.0-15.3 s instead of
-        15.8-17.1 s (fp32)."""
-        from rlhf.algorithms import attention_kernel
-
-        wanted = ("eager" if self.device.type == "cpu" else None) if choice == "auto" else choice
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's own
-        if wanted is not None and attention_kernel(base) not in (None, wanted):  # None: not a transformers model
-            base.set_attn_implementation(wanted)
 
     def _schedule(self, experience: dict[str, torch.Tensor], iteration: int) -> list:
         """This call's optimiser steps and micro-batches (``ppo_schedule``), shuffled by seed and

@@ -160,6 +160,11 @@ class OptimConfig(Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernel the model trains with. auto: eager on the CPU (the fused CPU "
+        "kernel's backward is slow, slower still inside Ray workers), the model's own (sdpa) on GPUs. eager keeps "
+        "(heads x length x length) scores per layer for the backward: choose sdpa for long sequences",
+    )
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps")
     batch_size: int = Field(8, gt=0, description="sequences per worker per micro-batch")

@@ -339,7 +339,7 @@ def train_loop(job: dict) -> None:
     import deepspeed
 
     from rlhf.metrics import MetricsLogger
-    from rlhf.models import attach_lora
+    from rlhf.models import attach_lora, use_training_attention
 
     task: Task = job["task"]
     cfg: SFTConfig | RMConfig = job["cfg"]
@@ -355,6 +355,7 @@ def train_loop(job: dict) -> None:
     warmup = int(optim.warmup_ratio * total_steps)
 
     model = task.build_model(cfg.model, job["model_path"])
+    use_training_attention(model, optim.attention, device)
     if cfg.model.lora is not None:
         model = attach_lora(model, cfg.model.lora, task_type=task.peft_task_type)
     params = parameter_groups(model, optim.learning_rate, getattr(task, "head_learning_rate", None))

@@ -180,18 +180,15 @@ def test_ppo_schedule_with_groups_keeps_each_group_together():
 
 @pytest.mark.parametrize("choice, expected", [("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")])
 def test_learners_on_the_cpu_train_with_eager_attention_unless_told(tiny_model_dir, choice, expected):
-    from actors.policy import PolicyLearner
     from rlhf.algorithms import attention_kernel
     from rlhf.config import LoraConfig
-    from rlhf.models import attach_lora
+    from rlhf.models import attach_lora, use_training_attention
 
     for lora in (False, True):
         model = load_tiny(tiny_model_dir)
         if lora:
             model = attach_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-        learner = PolicyLearner()
-        learner.device = torch.device("cpu")
-        learner._choose_attention(model, choice)
+        use_training_attention(model, choice, torch.device("cpu"))
         base = model.get_base_model() if lora else model
         assert attention_kernel(base) == expected
         # The shared-prompt path still gives the plain numbers under the chosen kernel.

@@ -9,6 +9,7 @@ from rlhf.models.loading import (
     pick_device,
     resolve_model_path,
     torch_dtype,
+    use_training_attention,
 )
 from rlhf.models.lora import attach_lora, merge_lora
 from rlhf.models.tiny import build_tiny_model, ensure_tiny_model
@@ -30,4 +31,5 @@ __all__ = [
     "sequence_scores",
     "token_values",
     "torch_dtype",
+    "use_training_attention",
 ]

@@ -73,6 +73,18 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def use_training_attention(model: torch.nn.Module, choice: str, device: torch.device) -> None:
+    """Switch ``model`` (or a LoRA model's base) to the attention kernel it trains with. ``auto``: eager
+    attention on the CPU, the model's own (sdpa) elsewhere: the fused CPU kernel's backward is slow,
+    and 2-3x slower again inside Ray workers (a default-model GRPO step trained in 7.1-7.6 s instead
+    of 9.7-11.8 s in bf16 with eager attention). Models that name no kernel are left as they are."""
+    wanted = ("eager" if device.type == "cpu" else None) if choice == "auto" else choice
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if wanted is not None and current not in (None, wanted):
+        base.set_attn_implementation(wanted)
+
+
 def load_causal_lm(cfg: ModelConfig, *, path: str | None = None, device: str | None = None):
     """A causal LM with dtype and device from config. ``path`` overrides ``cfg.path``."""
     from transformers import AutoModelForCausalLM
