@@ -70,10 +70,9 @@ class Learner:
         from datetime import timedelta
 
         from actors.weight_sync import master_store
-        from cluster.runtime import clear_stale_build_locks
+        from cluster.runtime import import_deepspeed
 
-        clear_stale_build_locks()  # before DeepSpeed, which would wait on a stale lock
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if master_addr in ("127.0.0.1", "localhost"):  # a local group: gloo's own sockets on loopback too
@@ -103,11 +102,12 @@ class Learner:
         self.engine = deepspeed_engine(model, optimizer, config)
         self.zero_stage = ds.zero_stage
 
-    def _schedule(self, experience: dict[str, torch.Tensor], iteration: int) -> list:
+    def _schedule(self, experience: dict[str, torch.Tensor], iteration: int, unit: str = "token") -> list:
         """This call's optimiser steps and micro-batches (``ppo_schedule``), shuffled by seed and
         iteration; micro-batches group sequences of similar length, so each carries little padding.
         With shared prompts the responses to one prompt stay together, so that it is read once.
-        Each micro-batch counts its response tokens, the tokens its losses average over."""
+        Each micro-batch counts what its losses average over (``unit``, the loss aggregation's): its
+        response tokens, or its responses."""
         from rlhf.algorithms import ppo_schedule, prompt_groups
 
         algo = self.algo
@@ -116,7 +116,8 @@ class Learner:
         return ppo_schedule(experience["input_ids"].shape[0], algo.micro_batch_size, epochs=algo.epochs,
                             seed=self.seed + iteration, grad_accum=algo.grad_accum,
                             lengths=experience["attention_mask"].sum(-1).tolist(), groups=groups,
-                            tokens=experience["action_mask"].sum(-1).tolist())
+                            tokens=experience["action_mask"].sum(-1).tolist() if unit == "token"
+                            else [1] * experience["input_ids"].shape[0])
 
     def _step_tokens(self, schedule: list) -> list[int]:
         """Response tokens of each optimiser step of ``schedule``, summed over all ranks: one

@@ -15,20 +15,23 @@ import torch
 
 from actors.group import Learner
 from rlhf.algorithms import (
-    entropy_from_logits, logprob_diff, mean_stats, ptx_loss, response_logprobs, shared_prompt_logits, token_logprobs,
-    total_policy_loss, windowed_logits,
+    LOSS_AGGREGATIONS, entropy_from_logits, logprob_diff, mean_stats, ptx_loss, response_logprobs,
+    shared_prompt_logits, token_logprobs, total_policy_loss, windowed_logits,
 )
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
 
 class PolicyLearner(Learner):
     def setup(self, model_cfg: ModelConfig, path: str, algo: PPOAlgoConfig, ds: DeepSpeedConfig,
-              temperature: float, seed: int, adapter_path: str | None = None) -> None:
+              temperature: float, seed: int, adapter_path: str | None = None, plugins: list[str] = ()) -> None:
         """Load the policy from ``path``. With ``model_cfg.lora``: ``path`` is the base model and the
-        adapter is new, or the one saved in ``adapter_path`` (a resumed run)."""
+        adapter is new, or the one saved in ``adapter_path`` (a resumed run). ``plugins``: the config's
+        files that register algorithm pieces, imported here too (this actor computes the loss)."""
+        from rlhf.algorithms import load_plugins
         from rlhf.models import attach_lora, load_causal_lm, load_tokenizer
         from rlhf.models.lora import load_lora
 
+        load_plugins(list(plugins))
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
         # Master weights in fp32; DeepSpeed's bf16 mode handles low precision when model.dtype asks.
@@ -80,7 +83,7 @@ class PolicyLearner(Learner):
         mean over all its response tokens on all ranks (``Learner._train_steps``), plus the PTX
         loss averaged over its micro-batches."""
         algo = self.algo
-        schedule = self._schedule(experience, iteration)
+        schedule = self._schedule(experience, iteration, unit=LOSS_AGGREGATIONS.info(algo.loss_agg)["unit"])
         micro_count = sum(len(step) for step in schedule)
         if algo.ptx_coef > 0 and (ptx_batches is None or len(ptx_batches) != micro_count):
             raise ValueError(f"ppo.ptx_coef > 0: expected {micro_count} PTX micro-batches (one per policy "
@@ -103,8 +106,9 @@ class PolicyLearner(Learner):
                 diffs.append(logprob_diff(batch["logprobs"], logprobs.detach(), mask))
             return total_policy_loss(
                 logprobs=logprobs, old_logprobs=batch["logprobs"], advantages=batch["advantages"],
-                action_mask=mask, clip_ratio=algo.clip_ratio, dual_clip=algo.dual_clip,
-                kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
+                action_mask=mask, policy_loss_name=algo.policy_loss, clip_ratio=algo.clip_ratio,
+                clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip,
+                loss_agg=algo.loss_agg, loss_agg_length=algo.loss_agg_length, kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
                 kl_coef=kl_coef, kl_estimator=algo.kl.estimator,
                 entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx, ptx_coef=algo.ptx_coef, token_weight=weight,
             )

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="policy: a folder, 'default' or 'tiny'")
     parser.add_argument("--reward", default=None, help="reward-model folder (default: the programmatic judge)")
-    parser.add_argument("--advantage", default="gae", choices=["gae", "grpo", "rloo", "reinforce++"])
+    parser.add_argument("--advantage", default="gae", help="ppo.advantage: any registered estimator")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=8, help="ppo.rollout_batch_size")
     parser.add_argument("--samples", type=int, default=2, help="rollout.sampling.n")

@@ -99,6 +99,23 @@ def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
     return removed
 
 
+def import_deepspeed():
+    """``import deepspeed``, ready for training: stale build locks cleared first
+    (:func:`clear_stale_build_locks`), and DeepSpeed's shared-memory all-reduce op switched off.
+
+    DeepSpeed compiles that op with gcc when its communication starts on a CPU: 60-80 s on a new
+    machine, and about 25 s again whenever another virtual environment built it last (torch's build
+    cache is keyed by the op's name, and the sources' path differs). Only DeepSpeed's inference
+    all-reduce uses it; training's collectives are torch.distributed's. ``deepspeed.ops.__compatible_ops__``
+    is the dict DeepSpeed consults before building an op, kept for the process so edits to it last."""
+    clear_stale_build_locks()
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 # A local Ray runs no dashboard (one listener fewer), so Ray's State API is absent and Ray Train's
 # placement-group cleaner would warn about it every few seconds of every SFT and reward-model run.
 _NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"

@@ -258,8 +258,19 @@ class StageConfig(Section):
         "(its outputs are deleted; nothing else is)",
     )
     seed: int = 42
+    plugins: list[str] = Field(
+        default_factory=list, description="Python files imported before the config is checked, whose decorators "
+        "register algorithm pieces (rlhf.algorithms.register_advantage, register_policy_loss, ...); paths "
+        "relative to the current directory (a submitted job's working_dir)",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     job: JobConfig = Field(default_factory=JobConfig, description="used by `rlhf submit` only")
+
+    @field_validator("plugins")
+    @classmethod
+    def _absolute_plugin_paths(cls, value: list[str]) -> list[str]:
+        # Ray workers need not share this process's working directory: they get absolute paths.
+        return [str(Path(p).expanduser().resolve()) for p in value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,6 +394,10 @@ class RewardConfig(Section):
     clip: float | None = Field(None, gt=0, description="clip rewards to [-clip, clip]")
     length_penalty: float = Field(0.0, description="added per response token")
     eos_penalty: float = Field(0.0, description="added when a response ends without EOS")
+    overlong_buffer: int | None = Field(
+        None, gt=0, description="DAPO's soft overlong penalty: over the last this-many tokens below "
+        "max_new_tokens the reward falls linearly by up to overlong_penalty (off: null)")
+    overlong_penalty: float = Field(1.0, ge=0, description="the overlong penalty at max_new_tokens")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> RewardConfig:
@@ -396,23 +411,41 @@ class KLConfig(Section):
     """KL penalty against the reference model."""
 
     coef: float = Field(0.05, ge=0)
-    estimator: Literal["k1", "k2", "k3"] = "k1"
+    estimator: str = Field("k1", description="per-token estimator, a name registered in rlhf.algorithms.kl "
+                           "(k1, k2, k3, or a plugin's)")
     mode: Literal["reward", "loss"] = Field(
         "reward", description="reward: a per-token penalty in the rewards (grpo/rloo: summed into each "
         "response's score); loss: a KL term in the policy's loss")
     adaptive: bool = False
     target: float = Field(6.0, gt=0, description="adaptive controller's target KL")
+
+    @field_validator("estimator")
+    @classmethod
+    def _registered_estimator(cls, value: str) -> str:
+        from rlhf.algorithms.kl import KL_ESTIMATORS  # imported here: the registries import this module
+
+        return KL_ESTIMATORS.check(value)
     horizon: int = Field(10000, gt=0)
 
 
 class PPOAlgoConfig(Section):
     """The algorithm's knobs (pure math in rlhf/algorithms)."""
 
-    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    advantage: str = Field("gae", description="advantage estimator: gae, grpo, dr_grpo, rloo, reinforce++, "
+                           "reinforce++_baseline, or a plugin's (rlhf/algorithms/advantages.py)")
+    policy_loss: str = Field("ppo", description="ppo (clipped, with dual_clip), gspo, cispo, or a plugin's "
+                             "(rlhf/algorithms/losses.py)")
+    loss_agg: str = Field("token_mean", description="how per-token losses become one: token_mean, "
+                          "seq_mean_token_mean, seq_mean_token_sum_norm")
+    loss_agg_length: int | None = Field(None, gt=0, description="the constant seq_mean_token_sum_norm divides "
+                                        "each response's sum by (default: rollout.sampling.max_new_tokens)")
     kl: KLConfig = Field(default_factory=KLConfig)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_ratio: float = Field(0.2, gt=0)
+    clip_ratio_low: float | None = Field(None, gt=0, description="lower clip range (ratio >= 1 - low); default clip_ratio")
+    clip_ratio_high: float | None = Field(None, gt=0, description="upper clip range (ratio <= 1 + high; DAPO's "
+                                          "clip-higher raises it, e.g. 0.28); default clip_ratio")
     dual_clip: float | None = Field(None, gt=1)
     value_clip: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0)
@@ -421,6 +454,10 @@ class PPOAlgoConfig(Section):
         "response tokens only) added to each policy micro-batch's loss (InstructGPT); needs ptx_data",
     )
     whiten_advantages: bool = True
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: drop groups whose samples all got the same reward and draw "
+        "more prompts to refill the batch (needs a group advantage such as grpo)")
+    dynamic_sampling_max_rounds: int = Field(3, ge=0, description="extra generation rounds per iteration at most")
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     rollout_batch_size: int = Field(16, gt=0, description="prompts per iteration")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward on one rank")
@@ -438,6 +475,27 @@ class PPOAlgoConfig(Section):
         "row per prompt with a block mask; same numbers, fewer tokens: rlhf/algorithms/shared_prompts.py); "
         "micro-batches then keep the responses to one prompt together",
     )
+
+    @field_validator("advantage")
+    @classmethod
+    def _registered_advantage(cls, value: str) -> str:
+        from rlhf.algorithms.advantages import ADVANTAGES  # imported here: the registries import this module
+
+        return ADVANTAGES.check(value)
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _registered_policy_loss(cls, value: str) -> str:
+        from rlhf.algorithms.losses import POLICY_LOSSES
+
+        return POLICY_LOSSES.check(value)
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _registered_loss_agg(cls, value: str) -> str:
+        from rlhf.algorithms.losses import LOSS_AGGREGATIONS
+
+        return LOSS_AGGREGATIONS.check(value)
 
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -953,10 +1011,31 @@ def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
                               f"the secret, or leave {keys[-1]} out")
         apply_override(tree, keys, value)
     source = str(path) if path else "(defaults)"
+    import_plugins(tree.get("plugins"), source)
     try:
         return cls.model_validate(with_section_presets(cls, tree))
     except ValidationError as exc:
         raise explain(exc, cls, source) from None
+
+
+def import_plugins(plugins: Any, source: str) -> None:
+    """Import the config's ``plugins`` files before it is checked, so that the names they register are
+    valid values; a missing file or one that fails to import is a ConfigError naming it."""
+    if plugins is None:
+        return
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"invalid config {source}:\n  plugins: expected a list of paths to .py files "
+                          f"(got {short_repr(plugins)})")
+    from rlhf.algorithms.registry import load_plugins
+
+    for plugin in plugins:
+        try:
+            load_plugins([plugin])
+        except FileNotFoundError as exc:
+            raise ConfigError(f"invalid config {source}:\n  {exc}") from None
+        except Exception as exc:  # the plugin's own error: say which file raised it
+            raise ConfigError(f"invalid config {source}:\n  plugins: importing {plugin} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 # Names whose values are secrets: ending in a KEY/TOKEN word (api_key, HF_TOKEN, RAY_AUTH_TOKEN) or

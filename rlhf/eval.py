@@ -260,18 +260,58 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
 # --------------------------------------------------------------------------------------------------
 
 
-def _generate(model: ModelConfig, prompt_ids: list[list[int]], cfg: EvalConfig):
-    """``sampling.n`` samples per prompt, prompt-major. Both models are sampled with the seed ``cfg.seed``
-    (sample ``k`` of the batch with ``seed + k`` on vLLM), so a (prompt, sample index) pair shares its
-    random numbers across the two models."""
+def differ_only_in_weights(a: str, b: str) -> bool:
+    """Whether the model folders ``a`` and ``b`` hold the same files, byte for byte, but for their
+    ``*.safetensors`` weights (a PPO run's ``final/`` beside the SFT model it started from), so that
+    one engine can serve both by loading the other's weights. An adapter folder never qualifies."""
+    def files(folder: str) -> dict[str, Path]:
+        path = Path(folder)
+        return {f.name: f for f in path.iterdir() if f.is_file()} if path.is_dir() else {}
+
+    first, second = files(a), files(b)
+    if not first or "adapter_config.json" in first or "adapter_config.json" in second:
+        return False
+    weights = [name for name in first if name.endswith(".safetensors")]
+    others = sorted(name for name in first if not name.endswith(".safetensors"))
+    return (bool(weights) and any(name.endswith(".safetensors") for name in second)
+            and others == sorted(name for name in second if not name.endswith(".safetensors"))
+            and all(first[name].read_bytes() == second[name].read_bytes() for name in others))
+
+
+def _generate(reference: ModelConfig, policy: ModelConfig, prompt_ids: list[list[int]],
+              cfg: EvalConfig) -> dict[str, list]:
+    """``sampling.n`` samples per prompt from each model, prompt-major: ``{"before": reference's,
+    "after": policy's}``. Both are sampled with the seed ``cfg.seed`` (sample ``k`` of the batch with
+    ``seed + k`` on vLLM), so a (prompt, sample index) pair shares its random numbers across the two.
+    When the two folders differ only in their weights, one engine serves both: after the reference's
+    samples it loads the policy's weights in place, as PPO's weight sync does, instead of starting a
+    second engine (about 10 s on a CPU)."""
+    from safetensors.torch import load_file
+
     from actors.rollout import RolloutGroup
 
     rollout = RolloutConfig(backend=cfg.backend, engines=1, sampling=cfg.sampling)
-    engines = RolloutGroup(model, rollout, seed=cfg.seed, resource_timeout_s=cfg.ray.resource_timeout_s)
+    sampling = cfg.sampling.model_copy(update={"seed": cfg.seed})
+    one_engine = (reference.model_copy(update={"path": policy.path}) == policy
+                  and differ_only_in_weights(reference.path, policy.path))
+    start = functools.partial(RolloutGroup, rollout=rollout, seed=cfg.seed, resource_timeout_s=cfg.ray.resource_timeout_s)
+    engines = start(reference)
     try:
-        return engines.generate(prompt_ids, cfg.sampling.model_copy(update={"seed": cfg.seed}))
+        samples = {"before": engines.generate(prompt_ids, sampling)}
+        if one_engine:
+            weights = {}
+            for shard in sorted(Path(policy.path).glob("*.safetensors")):
+                weights.update(load_file(str(shard)))
+            engines.update_weights(weights)
+        else:
+            engines.shutdown()
+            engines = None
+            engines = start(policy)
+        samples["after"] = engines.generate(prompt_ids, sampling)
+        return samples
     finally:
-        engines.shutdown()
+        if engines is not None:
+            engines.shutdown()
 
 
 def _kl_to_reference(samples, reference_model, pad_id: int, temperature: float) -> list[float]:
@@ -405,7 +445,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     per_sample = [p for p in prompts for _ in range(n)]  # the prompt of each sample
 
     init_ray(cfg.ray)
-    samples = {"before": _generate(reference, prompt_ids, cfg), "after": _generate(policy, prompt_ids, cfg)}
+    samples = _generate(reference, policy, prompt_ids, cfg)
     sides = {key: {"texts": [s.text for s in found], "finish_reasons": [s.finish_reason for s in found],
                    "tokens": [len(s.response_ids) for s in found], "reward": None, "perplexity": None}
              for key, found in samples.items()}
@@ -415,7 +455,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         side["judge"] = judge(per_sample, side["texts"])
     accuracy = None
     if cfg.reward.path:
-        scorer = RewardModelJudge(ModelConfig(path=cfg.reward.path, device="cpu"))
+        # In the run's dtype, as PPO's reward actor scored (bf16 takes a third of fp32's time on the CPU).
+        scorer = RewardModelJudge(ModelConfig(path=cfg.reward.path, device="cpu", dtype=reference.dtype))
         for side in sides.values():
             side["reward"] = scorer(per_sample, side["texts"])
         if cfg.preference_data is not None:

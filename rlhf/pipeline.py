@@ -103,7 +103,7 @@ class PeakMemory:
 def stage_configs(cfg: RunConfig) -> dict:
     """Each stage's config with the wiring filled in: paths between stages, seed, Ray."""
     out = Path(cfg.output_dir)
-    common = {"seed": cfg.seed, "ray": cfg.ray, "overwrite": cfg.overwrite}
+    common = {"seed": cfg.seed, "ray": cfg.ray, "overwrite": cfg.overwrite, "plugins": cfg.plugins}
     sft_final, rm_final = str(out / "sft" / "final"), str(out / "rm" / "final")
     model = cfg.model
     # PPO is rewarded by the reward model trained here, unless the user named a reward of their own

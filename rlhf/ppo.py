@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from rlhf.algorithms import (
-    compute_advantages, kl_estimate, make_kl_controller, masked_mean, needs_critic, process_scores, shape_rewards, whiten,
+    ADVANTAGES, compute_advantages, kl_estimate, make_kl_controller, masked_mean, needs_critic, process_scores,
+    shape_rewards, whiten,
 )
 from rlhf.config import ConfigError, PPOConfig
 from rlhf.data.formats import last_user_text
@@ -76,8 +77,14 @@ def check_config(cfg: PPOConfig) -> None:
                 f"ppo.rollout_batch_size x rollout.sampling.n = {samples} samples must be a multiple of "
                 f"ppo.micro_batch_size x ppo.grad_accum x {role}_workers = {per_step}"
             )
-    if algo.advantage in ("grpo", "rloo") and cfg.rollout.sampling.n < 2:
+    if ADVANTAGES.info(algo.advantage)["needs_groups"] and cfg.rollout.sampling.n < 2:
         raise ConfigError(f"ppo.advantage {algo.advantage} compares samples of one prompt: set rollout.sampling.n >= 2")
+    if algo.dynamic_sampling and not ADVANTAGES.info(algo.advantage)["needs_groups"]:
+        raise ConfigError(f"ppo.dynamic_sampling drops groups of samples of one prompt with equal rewards: it "
+                          f"needs a group advantage (ppo.advantage {algo.advantage} has no groups)")
+    buffer, limit = cfg.reward.overlong_buffer, cfg.rollout.sampling.max_new_tokens
+    if buffer is not None and buffer > limit:
+        raise ConfigError(f"reward.overlong_buffer {buffer} is longer than rollout.sampling.max_new_tokens {limit}")
     lora = cfg.model.lora is not None
     if cfg.reference_from_policy and not lora:
         raise ConfigError("reference_from_policy: true needs model.lora (the reference is the policy with its "
@@ -125,14 +132,15 @@ def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tenso
 
     The KL coefficient always counts: with ``kl.mode: reward`` the per-token penalty is in
     ``token_rewards`` (gae, reinforce++) and, summed over the response, in the one score per response
-    that the outcome estimators (grpo, rloo) see; with ``kl.mode: loss`` the policy's loss carries it.
+    that the outcome estimators (grpo, rloo, ...) see; with ``kl.mode: loss`` the policy's loss carries it.
     """
     algo = cfg.ppo
     mask = batch["action_mask"]
     kl = kl_estimate(batch["logprobs"], ref_logprobs, algo.kl.estimator, mask)
     lengths = mask.sum(-1)
     processed = process_scores(scores, cfg.reward, response_lengths=lengths, ended_with_eos=ended_with_eos,
-                               mean=reward_stats[0], std=reward_stats[1])
+                               mean=reward_stats[0], std=reward_stats[1],
+                               max_length=cfg.rollout.sampling.max_new_tokens)
     token_rewards = shape_rewards(processed, kl, mask, kl_coef, kl_in_reward=algo.kl.mode == "reward")
     # Outcome estimators see one score per response: the summed token rewards, so that the KL penalty
     # is part of it (as in OpenRLHF's RLOO). Without the penalty in the rewards this is ``processed``.
@@ -140,7 +148,7 @@ def make_experience(batch: dict[str, torch.Tensor], *, ref_logprobs: torch.Tenso
         algo.advantage, token_rewards=token_rewards, values=values, scores=token_rewards.sum(-1),
         group_ids=group_ids, action_mask=mask, gamma=algo.gamma, lam=algo.lam,
     )
-    if algo.whiten_advantages and algo.advantage == "gae":
+    if algo.whiten_advantages and ADVANTAGES.info(algo.advantage)["whiten_option"]:
         advantages = whiten(advantages, mask)
     experience = {**batch, "advantages": advantages, "ref_logprobs": ref_logprobs}
     if values is not None:
@@ -253,8 +261,10 @@ class PPOTrainer:
         self.policy = LearnerGroup(PolicyLearner, cfg.policy_workers, placement_group=group,
                                    bundle_indices=indices, num_cpus=cpus, num_gpus=gpus, name="policy",
                                    start_timeout_s=cfg.ray.actor_start_timeout_s, **threads)
-        setups = self.policy.call("setup", cfg.model, learner_path, cfg.ppo, cfg.deepspeed,
-                                  self.sampling.temperature or 1.0, cfg.seed, adapter_path)
+        # seq_mean_token_sum_norm divides by a constant: the longest a response can be, unless set.
+        algo = cfg.ppo.model_copy(update={"loss_agg_length": cfg.ppo.loss_agg_length or self.sampling.max_new_tokens})
+        setups = self.policy.call("setup", cfg.model, learner_path, algo, cfg.deepspeed,
+                                  self.sampling.temperature or 1.0, cfg.seed, adapter_path, cfg.plugins)
         self.critic = None
         if self.use_critic:
             group, indices, cpus, gpus = self.placement.group_of("critic")
@@ -336,10 +346,14 @@ class PPOTrainer:
         # 1. Generate: rollout_batch_size prompts x n samples, seeded by iteration.
         chosen = batch_indices(self.iteration, len(self.prompts), algo.rollout_batch_size, cfg.seed)
         prompts = [self.prompts[i] for i in chosen]
-        sampling = self.sampling.model_copy(update={"seed": cfg.seed * 100_003 + self.iteration * 1_009})
         started = time.perf_counter()
-        samples = self.engines.generate([p["prompt_ids"] for p in prompts], sampling)
+        samples = self.generate(prompts, draw=0)
         timings["timing/generation"] = time.perf_counter() - started
+        temperature = self.sampling.temperature or 1.0
+        score_list, dynamic = None, {}
+        if algo.dynamic_sampling:  # DAPO: keep only groups whose rewards differ, drawing more prompts
+            prompts, samples, score_list, dynamic = self.informative_groups(prompts, samples)
+            timings["timing/generation"] = time.perf_counter() - started
 
         # 2. Reference logprobs, values and rewards: at the same time, or one after another when the
         #    actors take turns on shared cores.
@@ -347,7 +361,6 @@ class PPOTrainer:
         batch = samples_to_batch(samples, self.tokenizer.pad_token_id)
         # With the action mask the models score the response tokens alone (scored_window).
         rollout = {k: batch[k] for k in ("input_ids", "attention_mask", "action_mask")}
-        temperature = self.sampling.temperature or 1.0
         texts = [s.text for s in samples]
         prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
 
@@ -360,13 +373,13 @@ class PPOTrainer:
             return self.critic.call_sharded("values", shard(rollout, len(self.critic.actors))) if self.critic else []
 
         def scores():
-            return [self.reward.scores.remote(prompt_texts, texts)]
+            return [self.reward.scores.remote(prompt_texts, texts)] if score_list is None else []
 
-        ref_parts, value_parts, (score_list,) = self.in_turns_or_together(
+        ref_parts, value_parts, score_parts = self.in_turns_or_together(
             [(reference_logprobs, ray.get), (critic_values, ray.get), (scores, ray.get)])
         ref_logprobs = torch.cat(ref_parts)
         values = torch.cat(value_parts) if value_parts else None
-        scores = torch.tensor(score_list, dtype=torch.float32)
+        scores = torch.tensor(score_parts[0] if score_list is None else score_list, dtype=torch.float32)
 
         # 3. KL, rewards and advantages: pure torch.
         ended = torch.tensor([s.finish_reason == "stop" for s in samples])
@@ -376,7 +389,42 @@ class PPOTrainer:
             group_ids=group_ids, cfg=cfg, kl_coef=self.kl_controller.value, reward_stats=self.reward_stats,
         )
         timings["timing/make_experience"] = time.perf_counter() - started
-        return batch, {**experience, "scores": scores}, metrics, timings
+        return batch, {**experience, "scores": scores}, {**metrics, **dynamic}, timings
+
+    def generate(self, prompts: list[dict], draw: int) -> list:
+        """``sampling.n`` samples of each prompt, seeded by (seed, iteration, draw)."""
+        seed = self.cfg.seed * 100_003 + self.iteration * 1_009 + draw * 7_919
+        return self.engines.generate([p["prompt_ids"] for p in prompts], self.sampling.model_copy(update={"seed": seed}))
+
+    def informative_groups(self, prompts: list[dict], samples: list) -> tuple[list, list, list, dict]:
+        """DAPO's dynamic sampling (Yu et al., 2025): a group whose samples all got the same reward has
+        zero advantage under group baselines and teaches nothing, so it is dropped and more prompts are
+        drawn (``ppo.dynamic_sampling_max_rounds`` extra generation rounds at most) until
+        ``rollout_batch_size`` groups differ. Short of that, dropped groups fill the batch (they only
+        dilute it). Returns the batch's prompts, samples (prompt-major) and raw scores, and metrics:
+        ``rollout/groups_dropped`` (uniform groups seen) and ``rollout/generation_rounds``."""
+        import ray
+
+        algo, n = self.cfg.ppo, self.sampling.n
+        kept, dropped, rounds = [], [], 0
+        while True:
+            texts = [s.text for s in samples]
+            prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
+            scores = ray.get(self.reward.scores.remote(prompt_texts, texts))
+            for g, prompt in enumerate(prompts):
+                group = (prompt, samples[g * n:(g + 1) * n], scores[g * n:(g + 1) * n])
+                (kept if max(group[2]) - min(group[2]) > 1e-9 else dropped).append(group)
+            rounds += 1
+            if len(kept) >= algo.rollout_batch_size or rounds > algo.dynamic_sampling_max_rounds:
+                break
+            # The next draw: other prompts, by seed, iteration and round (a resumed run draws the same).
+            chosen = batch_indices(self.iteration, len(self.prompts), algo.rollout_batch_size, self.cfg.seed + rounds)
+            prompts = [self.prompts[i] for i in chosen]
+            samples = self.generate(prompts, draw=rounds)
+        groups = (kept + dropped)[:algo.rollout_batch_size]
+        metrics = {"rollout/groups_dropped": float(len(dropped)), "rollout/generation_rounds": float(rounds)}
+        return ([p for p, _, _ in groups], [s for _, group, _ in groups for s in group],
+                [x for _, _, group in groups for x in group], metrics)
 
     def train(self, experience: dict[str, torch.Tensor]) -> dict[str, float]:
         """Step 4: train critic and policy (at the same time, or the critic first when the actors take

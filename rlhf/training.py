@@ -333,10 +333,9 @@ def train_loop(job: dict) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from cluster.runtime import clear_stale_build_locks
+    from cluster.runtime import import_deepspeed
 
-    clear_stale_build_locks()
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from rlhf.metrics import MetricsLogger
     from rlhf.models import attach_lora, use_training_attention

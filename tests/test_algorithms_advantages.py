@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf.algorithms.advantages import (
-    ADVANTAGE_ESTIMATORS, compute_advantages, gae, grpo, needs_critic, reinforce_plus_plus, rloo, whiten,
+    ADVANTAGES, compute_advantages, dr_grpo, gae, grpo, needs_critic, reinforce_plus_plus,
+    reinforce_plus_plus_baseline, rloo, whiten,
 )
 
 
@@ -14,13 +15,17 @@ def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
-def test_registry_lists_the_four_estimators():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce++"}
+def test_registry_lists_the_estimators_and_what_each_needs():
+    assert ADVANTAGES.names() == ["dr_grpo", "gae", "grpo", "reinforce++", "reinforce++_baseline", "rloo"]
     assert needs_critic("gae") and not needs_critic("grpo") and not needs_critic("reinforce++")
+    grouped = {name for name in ADVANTAGES if ADVANTAGES.info(name)["needs_groups"]}
+    assert grouped == {"grpo", "dr_grpo", "rloo", "reinforce++_baseline"}
+    assert [name for name in ADVANTAGES if ADVANTAGES.info(name)["whiten_option"]] == ["gae"]
 
 
 def test_unknown_estimator_is_a_clear_error_listing_valid_names():
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; valid: gae, grpo, reinforce\+\+, rloo"):
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo' \(ppo.advantage\); registered: "
+                                         r"dr_grpo, gae, grpo, reinforce\+\+, reinforce\+\+_baseline, rloo"):
         compute_advantages("ppo", scores=torch.zeros(2))
 
 
@@ -137,10 +142,39 @@ def test_compute_advantages_takes_the_inputs_each_estimator_needs():
     close(advantages[0], [0.21712, 0.246, 0.3])
     advantages, _ = compute_advantages("rloo", **inputs)
     close(advantages[:, 0], [-2.0, 2.0])  # 1 - 3, 3 - 1
-    for name in ADVANTAGE_ESTIMATORS:
+    for name in ADVANTAGES:
         compute_advantages(name, **inputs)
     with pytest.raises(TypeError, match=r"unknown advantage inputs \['gama'\]"):
         compute_advantages("gae", **inputs, gama=0.9)
     with pytest.raises(TypeError, match="'gae' needs values"):
         compute_advantages("gae", token_rewards=inputs["token_rewards"], action_mask=inputs["action_mask"],
                            gamma=1.0, lam=1.0)
+
+
+def test_dr_grpo_hand_worked_groups_keep_the_spread():
+    # group 0: scores 1, 3 -> mean 2 -> advantages -1, +1 ; group 1: 10, 10, 13 -> mean 11 -> -1, -1, +2.
+    # GRPO would divide group 1 by its std (sqrt(3)) and group 0 by sqrt(2): Dr. GRPO does not.
+    scores = torch.tensor([1.0, 3.0, 10.0, 10.0, 13.0])
+    groups = torch.tensor([0, 0, 1, 1, 1])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1], [0, 0]])
+    advantages, returns = dr_grpo(scores, groups, mask)
+    close(advantages, [[-1.0, -1.0], [1.0, 0.0], [-1.0, -1.0], [-1.0, -1.0], [0.0, 0.0]])
+    close(returns, [[1.0, 1.0], [3.0, 0.0], [10.0, 10.0], [10.0, 10.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="dr_grpo needs at least 2 samples per group"):
+        dr_grpo(scores, torch.tensor([0, 0, 1, 1, 2]), mask)
+
+
+def test_reinforce_plus_plus_baseline_subtracts_the_group_mean_then_whitens_the_batch():
+    # groups (0: 1, 3) and (1: 4, 8): centred -1, +1, -2, +2, each on 2 tokens (row 3 on 1 token).
+    # valid tokens: -1, -1, 1, 1, -2, -2, 2 -> mean -2/7; sample variance over 7 tokens (n - 1 = 6).
+    scores = torch.tensor([1.0, 3.0, 4.0, 8.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0]])
+    advantages, returns = reinforce_plus_plus_baseline(scores, groups, mask)
+    tokens = torch.tensor([-1.0, -1.0, 1.0, 1.0, -2.0, -2.0, 2.0])
+    mean = tokens.mean()
+    std = ((tokens - mean).square().sum() / 6 + 1e-8).sqrt()
+    expected = ((torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-2.0, -2.0], [2.0, 0.0]]) - mean) / std)
+    expected[3, 1] = 0.0
+    close(advantages, expected.tolist())
+    close(returns, [[1.0, 1.0], [3.0, 3.0], [4.0, 4.0], [8.0, 0.0]])

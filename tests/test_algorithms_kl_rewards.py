@@ -53,7 +53,7 @@ def test_kl_estimate_zero_on_padding_even_when_it_holds_inf():
 
 
 def test_kl_estimate_rejects_unknown_estimator_and_shape_mismatch():
-    with pytest.raises(ValueError, match="valid: k1, k2, k3"):
+    with pytest.raises(ValueError, match=r"unknown KL estimator .k4. \(ppo.kl.estimator\); registered: k1, k2, k3"):
         kl_estimate(LOGPROBS, REF, "k4")
     with pytest.raises(ValueError, match="differ in shape"):
         kl_estimate(LOGPROBS, REF[:, :2], "k1")
@@ -139,3 +139,26 @@ def test_process_scores_normalises_then_clips_then_penalises():
     close(process_scores(torch.tensor([4.0, 0.0]), config, response_lengths=lengths, ended_with_eos=eos),
           [0.3, -0.3])
     assert math.isclose(RewardConfig().length_penalty, 0.0)
+
+
+def test_overlong_penalty_falls_linearly_over_the_buffer_below_the_limit():
+    from rlhf.algorithms.rewards import overlong_penalty
+
+    # limit 16, buffer 4: nothing up to 12 tokens, then -0.25 per token of the penalty, -1 at 16 and beyond.
+    lengths = torch.tensor([5, 12, 13, 14, 16, 20])
+    close(overlong_penalty(lengths, 16, 4, 1.0), [0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
+    close(overlong_penalty(lengths, 16, 4, 0.1), [0.0, 0.0, -0.025, -0.05, -0.1, -0.1])
+    with pytest.raises(ValueError, match="overlong buffer must be in 1..16"):
+        overlong_penalty(lengths, 16, 17, 1.0)
+
+
+def test_process_scores_adds_the_overlong_penalty_last():
+    from rlhf.config import RewardConfig
+
+    cfg = RewardConfig(function="x.py:f", clip=1.0, overlong_buffer=4, overlong_penalty=0.5)
+    scores = process_scores(torch.tensor([3.0, 3.0]), cfg, response_lengths=torch.tensor([10, 16]),
+                            ended_with_eos=torch.tensor([True, False]), max_length=16)
+    close(scores, [1.0, 0.5])  # clipped to 1 first, then the full penalty on the reply cut at the limit
+    with pytest.raises(ValueError, match="overlong_buffer needs the responses' length limit"):
+        process_scores(torch.tensor([3.0]), cfg, response_lengths=torch.tensor([10]),
+                       ended_with_eos=torch.tensor([True]))

@@ -322,3 +322,92 @@ def test_one_ppo_step_end_to_end_on_tiny_tensors():
     assert (logprobs.grad[mask == 0] == 0).all() and (logprobs.grad[mask == 1] != 0).all()
     assert (returns[mask == 0] == 0).all()
 
+
+
+# ---- The registries: policy losses and their aggregation ------------------------------------------
+
+def test_the_registered_policy_losses_and_aggregations():
+    from rlhf.algorithms import LOSS_AGGREGATIONS, POLICY_LOSSES
+
+    assert POLICY_LOSSES.names() == ["cispo", "gspo", "ppo"]
+    assert {name: LOSS_AGGREGATIONS.info(name)["unit"] for name in LOSS_AGGREGATIONS} == {
+        "token_mean": "token", "seq_mean_token_mean": "sequence", "seq_mean_token_sum_norm": "sequence"}
+    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo2' \(ppo.policy_loss\); registered: cispo, gspo, ppo"):
+        POLICY_LOSSES.get("ppo2")
+
+
+def test_loss_aggregations_hand_computed():
+    from rlhf.algorithms import aggregate
+
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, NAN, INF]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    close(aggregate(losses, mask, "token_mean"), 2.5)  # (1 + 2 + 3 + 4) / 4 tokens
+    close(aggregate(losses, mask, "seq_mean_token_mean"), 3.0)  # (2 + 4) / 2 responses
+    close(aggregate(losses, mask, "seq_mean_token_sum_norm", length=4), 1.25)  # (6/4 + 4/4) / 2
+    with pytest.raises(ValueError, match="needs a length > 0"):
+        aggregate(losses, mask, "seq_mean_token_sum_norm")
+
+
+def test_sequence_aggregation_over_micro_batches_weighted_by_their_responses_is_the_whole_batchs():
+    from rlhf.algorithms import aggregate
+
+    generator = torch.Generator().manual_seed(0)
+    losses = torch.rand(6, 5, generator=generator)
+    mask = torch.arange(5) < torch.tensor([1, 5, 2, 4, 3, 5]).unsqueeze(-1)
+    whole = aggregate(losses, mask, "seq_mean_token_mean")
+    parts = [[0, 1], [2, 3, 4, 5]]  # uneven micro-batches: weights 2/6 and 4/6 (responses, not tokens)
+    summed = sum(token_loss_weight(len(rows), 6, grad_accum=1, world=1) * aggregate(losses[rows], mask[rows],
+                                                                                     "seq_mean_token_mean")
+                 for rows in parts)
+    close(summed, float(whole))
+
+
+def test_ppo_loss_with_asymmetric_clipping_hand_computed():
+    # clip range [1 - 0.2, 1 + 0.28] (DAPO's clip-higher): ratio 1.5, A 1 -> max(-1.5, -1.28) = -1.28;
+    # ratio 0.5, A 1 -> -0.5; ratio 1.1, A -1 -> 1.1; ratio 0.7, A -2 -> max(1.4, 1.6) = 1.6.
+    from rlhf.algorithms import policy_token_losses
+
+    logprobs = _logprobs()
+    losses, stats = policy_token_losses("ppo", logprobs=logprobs, old_logprobs=OLD, advantages=ADV,
+                                        action_mask=MASK, clip_ratio_low=0.2, clip_ratio_high=0.28)
+    close(losses[:, :4], [[-1.28, -0.5, 1.1, 1.6]], atol=1e-5)
+    assert stats["clipfrac"] == 0.5
+    masked_mean(losses, MASK).backward()
+    close(logprobs.grad, [[0.0, -0.125, 0.275, 0.0, 0.0]], atol=1e-6)  # -A * ratio / 4 where unclipped
+
+
+def test_gspo_clips_whole_responses_by_their_length_normalised_ratio():
+    from rlhf.algorithms import aggregate, policy_token_losses
+
+    # Two responses of two tokens, log ratios (0.1, 0.3): the sequence ratio is exp(0.2) = 1.2214 for both.
+    # A = +1 with the upper clip at 1.1: clipped, -1.1 on both tokens, no gradient.
+    # A = -1: max(1.2214, 1.1) = 1.2214, unclipped; d loss / d logprob_t = s / T per token (T = 2) under
+    # seq_mean_token_mean, the sequence-level gradient -A * s * d mean(log ratio) / d logprob_t, halved
+    # again by the mean over the two responses.
+    old = torch.zeros(2, 3)
+    logprobs = torch.tensor([[0.1, 0.3, 9.0], [0.1, 0.3, 9.0]], requires_grad=True)
+    advantages = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    losses, stats = policy_token_losses("gspo", logprobs=logprobs, old_logprobs=old, advantages=advantages,
+                                        action_mask=mask, clip_ratio_low=0.1, clip_ratio_high=0.1)
+    s = math.exp(0.2)
+    close(losses, [[-1.1, -1.1, 0.0], [s, s, 0.0]], atol=1e-5)
+    assert stats["clipfrac"] == 0.5 and abs(stats["ratio_mean"] - s) < 1e-5
+    aggregate(losses, mask, "seq_mean_token_mean").backward()
+    close(logprobs.grad, [[0.0, 0.0, 0.0], [s / 4, s / 4, 0.0]], atol=1e-5)
+
+
+def test_cispo_keeps_a_clipped_tokens_gradient_with_a_clipped_weight():
+    from rlhf.algorithms import policy_token_losses
+
+    # ratio 1.5, A 1: PPO drops this token's gradient; CISPO weighs it by clip(1.5, 0.8, 1.2) = 1.2:
+    # loss = -1.2 * 1 * logprob, gradient -1.2. ratio 0.5, A 1: weight 0.8. ratio 1.1, A -1: 1.1.
+    # ratio 0.7, A -2: weight 0.8, loss = 1.6 * logprob.
+    logprobs = _logprobs()
+    losses, stats = policy_token_losses("cispo", logprobs=logprobs, old_logprobs=OLD, advantages=ADV,
+                                        action_mask=MASK, clip_ratio_low=0.2, clip_ratio_high=0.2)
+    expected_weights = [-1.2, -0.8, 1.1, 1.6]
+    close(losses[:, :4], [[w * math.log(r) for w, r in zip(expected_weights, RATIOS)]], atol=1e-5)
+    assert stats["clipfrac"] == 0.75  # 1.5 -> 1.2, 0.5 -> 0.8, 0.7 -> 0.8
+    losses.sum().backward()
+    close(logprobs.grad, [[*expected_weights, 0.0]], atol=1e-6)

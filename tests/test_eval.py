@@ -301,3 +301,56 @@ def test_eval_of_a_policy_equal_to_its_reference_with_two_samples_per_prompt(tin
     assert abs(saved["after"]["kl"]) < 1e-3 and abs(saved["after"]["kl_per_token"]) < 1e-3
     assert saved["after"]["judge_best_of_n"] >= saved["after"]["judge"]
     assert saved["reward_model_eval_pairs"]["pairs"] <= 3 and (tmp_path / "eval.md").is_file()
+
+
+def test_folders_that_differ_only_in_their_weights(tmp_path):
+    import shutil
+
+    from rlhf.eval import differ_only_in_weights
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"hidden_size": 8}')
+    (a / "model.safetensors").write_bytes(b"1")
+    (b / "model-00001-of-00002.safetensors").write_bytes(b"2")
+    assert differ_only_in_weights(str(a), str(b))
+    (b / "config.json").write_text('{"hidden_size": 16}')
+    assert not differ_only_in_weights(str(a), str(b))  # another model
+    shutil.copy(a / "config.json", b / "config.json")
+    (b / "adapter_config.json").write_text("{}")
+    assert not differ_only_in_weights(str(a), str(b))  # an adapter is not a model
+    (b / "adapter_config.json").unlink()
+    (b / "tokenizer.json").write_text("{}")
+    assert not differ_only_in_weights(str(a), str(b))  # another tokenizer
+    assert not differ_only_in_weights(str(a), str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_engine_for_both_models_samples_what_two_engines_do(tiny_model_dir, tmp_path, monkeypatch):
+    """The eval loads the policy's weights into the reference's engine when the folders differ only in
+    their weights: the replies are those of an engine started on the policy."""
+    import ray
+
+    import rlhf.eval
+    from cluster.runtime import init_ray
+    from rlhf.config import ModelConfig, RayConfig
+    from rlhf.models import build_tiny_model
+
+    policy = build_tiny_model(tmp_path / "policy", seed=1)  # same config and tokenizer, other weights
+    assert rlhf.eval.differ_only_in_weights(str(tiny_model_dir), str(policy))
+    cfg = EvalConfig(output_dir=str(tmp_path / "eval"), backend="hf", max_prompts=3,
+                     sampling={"n": 2, "temperature": 1.0, "max_new_tokens": 8})
+    prompt_ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    models = ModelConfig(path=str(tiny_model_dir)), ModelConfig(path=str(policy))
+    init_ray(RayConfig(num_cpus=2))
+    try:
+        one = rlhf.eval._generate(*models, prompt_ids, cfg)
+        monkeypatch.setattr(rlhf.eval, "differ_only_in_weights", lambda a, b: False)
+        two = rlhf.eval._generate(*models, prompt_ids, cfg)
+    finally:
+        ray.shutdown()
+    for key in ("before", "after"):
+        assert [s.response_ids for s in one[key]] == [s.response_ids for s in two[key]], key
+    assert [s.response_ids for s in one["before"]] != [s.response_ids for s in one["after"]]

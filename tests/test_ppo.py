@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from rlhf.metrics import read_metrics
 from rlhf.ppo import batch_indices, check_config, make_experience, ptx_micro_batches, shard
 
 RULE_REWARD = "tests/data/rule_reward.py:letter_e"
+PLUGIN = "tests/data/my_algos.py"
 EVAL_KEYS = ("eval/judge", "eval/response_length", "eval/ended_with_eos", "timing/eval")
 
 
@@ -219,6 +221,39 @@ def test_mean_reward_rises(tiny_model_dir, tmp_path, advantage):
     assert not list(out.glob("*.tmp*"))
 
 
+def test_a_plugin_file_registers_names_the_config_then_accepts(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown advantage estimator 'signed_outcome' \(ppo.advantage\); "
+                                          r"registered: dr_grpo, gae, grpo"):
+        _cfg(tiny_model_dir, tmp_path, "ppo.advantage=signed_outcome")
+    cfg = _cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome",
+               "ppo.policy_loss=vanilla_pg")
+    assert cfg.plugins == [str(Path(PLUGIN).resolve())]  # absolute: Ray workers have their own directory
+    with pytest.raises(ConfigError, match=r"plugins: tests/data/missing.py is not a Python file"):
+        _cfg(tiny_model_dir, tmp_path, "plugins=[tests/data/missing.py]")
+    with pytest.raises(ConfigError, match=r"ppo.advantage signed_outcome compares samples of one prompt"):
+        check_config(_cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome",
+                          "rollout.sampling.n=1"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_estimator_and_a_loss_from_a_plugin_file_train(tiny_model_dir, tmp_path):
+    """The README's example: a user's own advantage estimator and policy loss, in their own file."""
+    import ray
+
+    from rlhf.ppo import run
+
+    try:
+        run(_cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome",
+                 "ppo.policy_loss=vanilla_pg", "steps=10", "eval_every=0", "ppo.kl.coef=0.001",
+                 "ppo.policy_learning_rate=3e-3"))
+    finally:
+        ray.shutdown()
+    rewards = [r["reward/mean"] for r in _trained(tmp_path)]
+    assert len(rewards) == 10
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.04, rewards
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ptx_loss_goes_down_on_the_sft_data(tiny_model_dir, tmp_path):
@@ -330,10 +365,12 @@ def test_a_checkpoint_sharded_otherwise_is_refused_before_any_actor_starts(tiny_
 TOKEN_WEIGHTED_STEP = """
 import sys, torch
 from actors.group import Learner
-from rlhf.algorithms import masked_mean
+from rlhf.algorithms import LOSS_AGGREGATIONS, aggregate
 from rlhf.config import DeepSpeedConfig, PPOAlgoConfig
 
-rank, world, port = map(int, sys.argv[1:])
+rank, world, port = map(int, sys.argv[1:4])
+how = sys.argv[4]  # the loss aggregation: a mean over the step's tokens or over its responses
+unit = LOSS_AGGREGATIONS.info(how)["unit"]
 lengths = [2 + (28 * i) // 15 for i in range(16)]  # response tokens of 16 rows, after a 1-token prompt
 generator = torch.Generator().manual_seed(0)
 input_ids = torch.randint(0, 50, (16, 32), generator=generator)
@@ -371,12 +408,12 @@ learner._step = capture
 def micro_loss(batch, window, shared, *, weight, step_index, micro_index):
     start, stop = window
     losses = token_losses(learner.engine, batch["input_ids"][:, start + 1:stop + 1], batch["targets"])
-    return weight * masked_mean(losses, batch["action_mask"]), {}
+    return weight * aggregate(losses, batch["action_mask"], how), {}
 
-schedule = learner._schedule(experience, 0)
+schedule = learner._schedule(experience, 0, unit=unit)
 assert len(schedule) == 1 and len(schedule[0]) == 4 // world
 learner._train_steps(experience, schedule, micro_loss, "test")
-masked_mean(token_losses(reference, input_ids[:, 1:], targets), action_mask).backward()
+aggregate(token_losses(reference, input_ids[:, 1:], targets), action_mask, how).backward()
 assert len(grads) == 1 and torch.allclose(grads[0], reference.weight.grad, atol=1e-6), (grads, reference.weight.grad)
 print("ok")
 """
@@ -384,12 +421,12 @@ print("ok")
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world", [1, 2])
-def test_learner_step_gradient_is_the_mean_over_all_its_response_tokens(world):
+@pytest.mark.parametrize("world, how", [(1, "token_mean"), (2, "token_mean"), (2, "seq_mean_token_mean")])
+def test_learner_step_gradient_is_the_mean_over_all_its_response_tokens(world, how):
     """16 responses of 2..30 tokens, micro-batches of 4 grouped by length, 4 per optimiser step in all
     (on one rank, or 2 on each of two): the gradient DeepSpeed hands the optimiser is that of the mean
-    over all 16 responses' tokens, through its grad_accum division, the one-rank path without
-    all-reduce, and the two-rank gradient average."""
+    over all 16 responses' tokens (or, aggregated per response, over the 16 responses' means), through
+    its grad_accum division, the one-rank path without all-reduce, and the two-rank gradient average."""
     import os
     import subprocess
     import sys
@@ -398,7 +435,7 @@ def test_learner_step_gradient_is_the_mean_over_all_its_response_tokens(world):
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    ranks = [subprocess.Popen([sys.executable, "-c", TOKEN_WEIGHTED_STEP, str(rank), str(world), str(port)],
+    ranks = [subprocess.Popen([sys.executable, "-c", TOKEN_WEIGHTED_STEP, str(rank), str(world), str(port), how],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in range(world)]
     for process in ranks:

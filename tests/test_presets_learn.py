@@ -1,6 +1,6 @@
 """The tiny presets learn rule rewards they were not tuned on.
 
-configs/tiny/ppo.yaml (GAE) and configs/tiny/grpo.yaml (GRPO) run as shipped (their own steps,
+configs/tiny/ppo.yaml (GAE), configs/tiny/grpo.yaml (GRPO) and configs/tiny/dapo.yaml run as shipped (their own steps,
 learning rates, batch and sampling settings; only the model folder, the output folder and the reward
 change), seeded, each with a rule reward written here; the mean reward of the last three logged steps
 must be at least 1.2x that of the first three. The presets were tuned on other rules
@@ -13,7 +13,7 @@ real change and not noise around 0:
 - ``length_band`` (GRPO): 1 for a reply of 15 to 35 characters, falling by 1/30 per character
   outside (at least 0.1). The random model's 16 tokens make about 50 characters (about 0.5): it has
   to end early or pick shorter tokens.
-- ``has_the`` (GRPO): 1 when "the" occurs in the reply (any case, inside a word too), else 0.2. The
+- ``has_the`` (DAPO): 1 when "the" occurs in the reply (any case, inside a word too), else 0.2. The
   presence of a word, all or nothing per reply: about one reply in five has it at the start.
 
 Three runs share one Ray (module fixture), as the stage would start it.
@@ -65,7 +65,7 @@ def rules_file(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("preset, rule", [("ppo", "vowels"), ("grpo", "length_band"), ("grpo", "has_the")])
+@pytest.mark.parametrize("preset, rule", [("ppo", "vowels"), ("grpo", "length_band"), ("dapo", "has_the")])
 def test_preset_raises_a_rule_reward_it_was_not_tuned_on(ray_runtime, rules_file, tiny_model_dir, tmp_path,
                                                          preset, rule):
     from rlhf.ppo import run
@@ -79,3 +79,7 @@ def test_preset_raises_a_rule_reward_it_was_not_tuned_on(ray_runtime, rules_file
     assert len(rewards) == cfg.steps
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last >= 1.2 * first, (first, last, rewards)
+    if cfg.ppo.dynamic_sampling:  # an all-or-nothing reward leaves groups whose replies all score the same
+        records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward/mean" in r]
+        assert sum(r["rollout/groups_dropped"] for r in records) > 0
+        assert all(1 <= r["rollout/generation_rounds"] <= 1 + cfg.ppo.dynamic_sampling_max_rounds for r in records)

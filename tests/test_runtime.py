@@ -112,3 +112,28 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     assert clear_stale_build_locks(max_age_s=300) == [str(stale)]
     assert not stale.exists() and fresh.exists()
     assert "stale build lock" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_deepspeed_starts_without_building_its_inference_all_reduce_op(tmp_path):
+    """DeepSpeed would compile its shared-memory all-reduce op (for inference only) when its
+    communication starts on the CPU: 60-80 s on a new machine. The learners start without it."""
+    import sys
+
+    from rlhf.serve import free_port
+
+    script = (
+        "import os\n"
+        "from cluster.runtime import import_deepspeed\n"
+        "deepspeed = import_deepspeed()\n"
+        "deepspeed.init_distributed(dist_backend='gloo')\n"
+        "from deepspeed.comm import comm\n"
+        "print('SHM OP', comm.cdb.shm_comm_op)\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.getcwd(),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SHM OP None" in done.stdout
+    assert not list(tmp_path.rglob("*.so")), "an op was built"

@@ -1,4 +1,5 @@
-"""Pure torch math for RLHF (no Ray): log-probabilities, and later KL, advantages and losses.
+"""Pure torch math for RLHF (no Ray): log-probabilities, KL, advantages and losses, the last three in
+registries (registry.py) that a user's own file extends (``plugins:`` in any config).
 
 Tensors are ``(batch, seq)`` with an ``action_mask`` marking the response tokens.
 """
@@ -16,25 +17,33 @@ __all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "response_log
            "SharedPrompts", "attention_kernel", "can_share_prompts", "pack_shared_prompts", "prompt_groups"]
 
 # PPO with a KL penalty: kl.py (KL estimators, controllers), rewards.py (scores -> token rewards),
-# advantages.py (estimator registry, whitening), losses.py (the PPO loss), batching.py (epochs, micro-batches).
+# advantages.py (estimators, whitening), losses.py (policy losses, aggregation, their sum),
+# batching.py (epochs, micro-batches); registry.py holds the registries' type and load_plugins.
 from rlhf.algorithms.advantages import (
-    ADVANTAGE_ESTIMATORS, compute_advantages, gae, grpo, needs_critic, reinforce_plus_plus, rloo, whiten,
+    ADVANTAGES, compute_advantages, dr_grpo, gae, grpo, needs_critic, register_advantage, reinforce_plus_plus,
+    reinforce_plus_plus_baseline, rloo, whiten,
 )
 from rlhf.algorithms.batching import MicroBatch, mean_stats, micro_batches, ppo_schedule, token_loss_weight
-from rlhf.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller
-from rlhf.algorithms.losses import (
-    entropy_from_logits, kl_loss, masked_mean, policy_loss, ptx_loss, total_policy_loss, value_loss,
+from rlhf.algorithms.kl import (
+    KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller, register_kl_estimator,
 )
+from rlhf.algorithms.losses import (
+    LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate, entropy_from_logits, kl_loss, masked_mean, policy_loss,
+    policy_token_losses, ptx_loss, register_loss_aggregation, register_policy_loss, total_policy_loss, value_loss,
+)
+from rlhf.algorithms.registry import Registry, load_plugins
 from rlhf.algorithms.rewards import (
     clip_scores, length_and_eos_penalty, normalize_scores, process_scores, shape_rewards,
 )
 
 __all__ += [
-    "ADVANTAGE_ESTIMATORS", "compute_advantages", "gae", "grpo", "needs_critic",
-    "reinforce_plus_plus", "rloo", "whiten",
+    "ADVANTAGES", "compute_advantages", "dr_grpo", "gae", "grpo", "needs_critic", "register_advantage",
+    "reinforce_plus_plus", "reinforce_plus_plus_baseline", "rloo", "whiten",
     "MicroBatch", "mean_stats", "micro_batches", "ppo_schedule", "token_loss_weight",
-    "AdaptiveKLController", "FixedKLController", "kl_estimate", "make_kl_controller",
-    "entropy_from_logits", "kl_loss", "masked_mean", "policy_loss", "ptx_loss", "total_policy_loss",
-    "value_loss",
+    "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "kl_estimate", "make_kl_controller",
+    "register_kl_estimator",
+    "LOSS_AGGREGATIONS", "POLICY_LOSSES", "aggregate", "entropy_from_logits", "kl_loss", "masked_mean",
+    "policy_loss", "policy_token_losses", "ptx_loss", "register_loss_aggregation", "register_policy_loss",
+    "total_policy_loss", "value_loss", "Registry", "load_plugins",
     "clip_scores", "length_and_eos_penalty", "normalize_scores", "process_scores", "shape_rewards",
 ]

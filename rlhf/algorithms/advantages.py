@@ -1,24 +1,29 @@
-"""Advantage estimators behind a small registry, and masked whitening.
+"""Advantage estimators, registered by name (``ppo.advantage``), and masked whitening.
 
 Every estimator returns ``(advantages, returns)``, both (batch, seq) and 0 where ``action_mask`` is 0:
 
-    gae           critic-based: GAE(gamma, lambda) on per-token rewards and the critic's values;
-                  ``returns = advantages + values`` are the critic's regression targets.
-    grpo          critic-free: each score normalised within its group (samples of the same prompt).
-    rloo          critic-free: each score minus the mean score of the other samples in its group.
-    reinforce++   critic-free: discounted return-to-go of per-token rewards, whitened over the batch.
+    gae                   critic-based: GAE(gamma, lambda) on per-token rewards and the critic's values;
+                          ``returns = advantages + values`` are the critic's regression targets.
+    grpo                  each score normalised within its group (samples of the same prompt).
+    dr_grpo               each score minus its group's mean, not divided by the group's std (Dr. GRPO).
+    rloo                  each score minus the mean score of the other samples in its group.
+    reinforce++           discounted return-to-go of per-token rewards, whitened over the batch.
+    reinforce++_baseline  each score minus its group's mean, then whitened over the batch.
 
 Critic-free estimators have no value targets; their ``returns`` are the un-normalised returns the
-advantages came from (the score broadcast over the response for grpo/rloo, the return-to-go for
-reinforce++), useful for logging only.
+advantages came from (the score broadcast over the response for the group estimators, the return-to-go
+for reinforce++), useful for logging only.
 
-grpo and rloo see one score per response. So that they see the per-token KL penalty of ``kl.mode:
-reward``, PPO passes them ``scores = token_rewards.sum(-1)``: the summed penalty is part of the outcome
-(as OpenRLHF's RLOO does). With ``kl.mode: loss`` (as GRPO's paper does) the KL is a loss term instead.
+The group estimators see one score per response. So that they see the per-token KL penalty of
+``kl.mode: reward``, PPO passes them ``scores = token_rewards.sum(-1)``: the summed penalty is part of
+the outcome (as OpenRLHF's RLOO does). With ``kl.mode: loss`` (as GRPO's paper does) the KL is a loss
+term instead.
 
-``compute_advantages(name, **inputs)`` calls an estimator by name and passes it only the inputs it
-takes, so a caller can hand every estimator the same inputs. Whitening afterwards
-(``ppo.whiten_advantages``) is the caller's choice: :func:`whiten`.
+A new estimator is one function: decorate it with ``@register_advantage("name", needs_critic=...,
+needs_groups=...)`` and take any of the inputs PPO hands every estimator (``token_rewards``, ``values``,
+``scores``, ``group_ids``, ``action_mask``, ``gamma``, ``lam``) by name. ``compute_advantages(name,
+**inputs)`` passes it only those it takes. Whitening afterwards (``ppo.whiten_advantages``) applies to
+the estimators registered with ``whiten_option=True`` (gae).
 """
 
 from __future__ import annotations
@@ -28,38 +33,20 @@ from typing import Callable
 
 import torch
 
+from rlhf.algorithms.registry import Registry
+
 AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-_NEEDS_CRITIC: set[str] = set()
-
-
-def register(name: str, *, needs_critic: bool = False) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: add an estimator to :data:`ADVANTAGE_ESTIMATORS` under ``name``."""
-
-    def add(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        if needs_critic:
-            _NEEDS_CRITIC.add(name)
-        return fn
-
-    return add
-
-
-def _lookup(name: str) -> AdvantageFn:
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
-        )
-    return ADVANTAGE_ESTIMATORS[name]
+# needs_critic: uses a critic's values (PPO builds a critic only then); needs_groups: compares the
+# samples of one prompt (rollout.sampling.n >= 2); whiten_option: ppo.whiten_advantages applies.
+ADVANTAGES = Registry("advantage estimator", "ppo.advantage",
+                      defaults={"needs_critic": False, "needs_groups": False, "whiten_option": False})
+register_advantage = ADVANTAGES.register
 
 
 def needs_critic(name: str) -> bool:
     """Whether estimator ``name`` uses a critic's values (only then does PPO build a critic)."""
-    _lookup(name)
-    return name in _NEEDS_CRITIC
+    return ADVANTAGES.info(name)["needs_critic"]
 
 
 def compute_advantages(name: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +55,8 @@ def compute_advantages(name: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]
     Inputs no registered estimator accepts are an error (catches typos such as ``gama=``); a missing
     input the chosen estimator needs is an error naming it.
     """
-    fn = _lookup(name)
-    known = {p for f in ADVANTAGE_ESTIMATORS.values() for p in inspect.signature(f).parameters}
+    fn = ADVANTAGES.get(name)
+    known = {p for _, f in ADVANTAGES.items() for p in inspect.signature(f).parameters}
     unknown = sorted(set(inputs) - known)
     if unknown:
         raise TypeError(f"unknown advantage inputs {unknown}; known: {', '.join(sorted(known))}")
@@ -102,7 +89,7 @@ def _discounted_sum(values: torch.Tensor, action_mask: torch.Tensor, discount: f
     return out
 
 
-@register("gae", needs_critic=True)
+@register_advantage("gae", needs_critic=True, whiten_option=True)
 def gae(token_rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al., 2016) over the response tokens.
@@ -161,7 +148,7 @@ def _broadcast(per_sample: torch.Tensor, action_mask: torch.Tensor, dtype: torch
     return torch.where(action_mask.bool(), per_token, torch.zeros_like(per_token))
 
 
-@register("grpo")
+@register_advantage("grpo", needs_groups=True)
 def grpo(scores: torch.Tensor, group_ids: torch.Tensor, action_mask: torch.Tensor,
          eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantage (Shao et al., 2024): the score normalised within its group.
@@ -182,7 +169,7 @@ def grpo(scores: torch.Tensor, group_ids: torch.Tensor, action_mask: torch.Tenso
     return _broadcast(advantages, action_mask, dtype), _broadcast(scores, action_mask, dtype)
 
 
-@register("rloo")
+@register_advantage("rloo", needs_groups=True)
 def rloo(scores: torch.Tensor, group_ids: torch.Tensor,
          action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE leave-one-out (Ahmadian et al., 2024): baseline = mean score of the group's others.
@@ -198,7 +185,41 @@ def rloo(scores: torch.Tensor, group_ids: torch.Tensor,
     return _broadcast(advantages, action_mask, dtype), _broadcast(scores, action_mask, dtype)
 
 
-@register("reinforce++")
+@register_advantage("dr_grpo", needs_groups=True)
+def dr_grpo(scores: torch.Tensor, group_ids: torch.Tensor,
+            action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr. GRPO's advantage (Liu et al., 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective"): the score minus its group's mean, *not* divided by the group's std, which weighs
+    prompts whose samples barely differ (too easy or too hard) as much as the rest.
+
+    scores (batch,), group_ids (batch,), action_mask (batch, seq) -> advantages (batch, seq)
+    ``score - group mean`` on every response token, returns (batch, seq) the raw score. The paper's
+    other half, a sequence sum divided by a constant instead of each response's own length, is the loss
+    aggregation ``ppo.loss_agg: seq_mean_token_sum_norm``.
+    """
+    sums, counts, _ = _group_sums(scores, group_ids, "dr_grpo")
+    advantages = scores.double() - sums / counts
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    return _broadcast(advantages, action_mask, dtype), _broadcast(scores, action_mask, dtype)
+
+
+@register_advantage("reinforce++_baseline", needs_groups=True)
+def reinforce_plus_plus_baseline(scores: torch.Tensor, group_ids: torch.Tensor,
+                                 action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline (Hu et al., 2025, "REINFORCE++: Stabilizing Critic-Free Policy
+    Optimization"): the score minus its group's mean (the baseline), broadcast over the response, then
+    whitened over all valid tokens of the batch (global, not per-group, normalisation).
+
+    scores (batch,), group_ids (batch,), action_mask (batch, seq) -> advantages (batch, seq)
+    ``whiten(score - group mean)``, returns (batch, seq) the raw score on every response token.
+    """
+    sums, counts, _ = _group_sums(scores, group_ids, "reinforce++_baseline")
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    centred = _broadcast(scores.double() - sums / counts, action_mask, dtype)
+    return whiten(centred, action_mask), _broadcast(scores, action_mask, dtype)
+
+
+@register_advantage("reinforce++")
 def reinforce_plus_plus(token_rewards: torch.Tensor, action_mask: torch.Tensor,
                         gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (Hu, 2025): discounted return-to-go, whitened over all valid tokens of the batch.

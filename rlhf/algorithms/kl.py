@@ -15,18 +15,40 @@ target. Controllers hold one float, so their state is checkpointed as JSON.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
-
 import torch
 
 from rlhf.config import KLConfig
 
-KLEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+from rlhf.algorithms.registry import Registry
+
+KLEstimator = str  # a name in KL_ESTIMATORS
+# Each entry maps log_ratio = logprobs - ref_logprobs (batch, seq) to the per-token estimate (batch, seq).
+KL_ESTIMATORS = Registry("KL estimator", "ppo.kl.estimator")
+register_kl_estimator = KL_ESTIMATORS.register
 
 # exp(-log_ratio) in k3 overflows float16/bfloat16 and float32 far out; beyond |20| nats the policy
 # and reference disagree so much that the exact penalty no longer matters, only that it is finite.
 _K3_LOG_RATIO_LIMIT = 20.0
+
+
+@register_kl_estimator("k1")
+def k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    """``log_ratio``: unbiased, high variance, can be negative."""
+    return log_ratio
+
+
+@register_kl_estimator("k2")
+def k2(log_ratio: torch.Tensor) -> torch.Tensor:
+    """``0.5 * log_ratio ** 2``: biased, low variance, never negative."""
+    return 0.5 * log_ratio.square()
+
+
+@register_kl_estimator("k3")
+def k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """``exp(-log_ratio) - 1 + log_ratio``: unbiased, low variance, never negative. The log ratio is
+    clamped to [-20, 20] first, so the exponential stays finite."""
+    log_ratio = log_ratio.clamp(-_K3_LOG_RATIO_LIMIT, _K3_LOG_RATIO_LIMIT)
+    return torch.exp(-log_ratio) - 1.0 + log_ratio
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1",
@@ -47,15 +69,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     if action_mask is not None:
         # where(), not multiply: padding may hold inf or NaN, and 0 * inf is NaN (in the gradient too).
         log_ratio = torch.where(action_mask.bool(), log_ratio, torch.zeros_like(log_ratio))
-    if estimator == "k1":
-        kl = log_ratio
-    elif estimator == "k2":
-        kl = 0.5 * log_ratio.square()
-    elif estimator == "k3":
-        log_ratio = log_ratio.clamp(-_K3_LOG_RATIO_LIMIT, _K3_LOG_RATIO_LIMIT)
-        kl = torch.exp(-log_ratio) - 1.0 + log_ratio
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+    kl = KL_ESTIMATORS.get(estimator)(log_ratio)
     if action_mask is not None:
         kl = torch.where(action_mask.bool(), kl, torch.zeros_like(kl))
     return kl

@@ -4,6 +4,7 @@ The reward model (or reward function) gives one score per response. :func:`proce
 scores into the scores PPO uses, in this order:
 
     normalise (reward model's stored mean/std)  ->  clip to [-clip, clip]  ->  length / EOS penalties
+    ->  overlong penalty (DAPO's soft band below the length limit)
 
 Normalising and clipping act on the reward model's scale; the penalties come last, in the units the
 user chose, so clipping never erases them (a truncated response at the clip limit is still penalised).
@@ -91,16 +92,37 @@ def length_and_eos_penalty(scores: torch.Tensor, response_lengths: torch.Tensor,
     return scores + length_penalty * response_lengths.to(scores.dtype) + eos_penalty * truncated
 
 
+def overlong_penalty(response_lengths: torch.Tensor, max_length: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025): nothing up to ``max_length - buffer`` tokens,
+    then a penalty growing linearly to ``-penalty`` at ``max_length`` (and no more beyond):
+
+        out = -penalty * clamp((length - (max_length - buffer)) / buffer, 0, 1)
+
+    response_lengths (batch,) -> (batch,). A reply cut at the limit is penalised fully; one that ends
+    just before it only a little, so the policy learns to finish in time without a cliff."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in 1..{max_length} (the length limit), got {buffer}")
+    over = (response_lengths.to(torch.float32) - (max_length - buffer)) / buffer
+    return -penalty * over.clamp(0.0, 1.0)
+
+
 def process_scores(scores: torch.Tensor, config: RewardConfig, *, response_lengths: torch.Tensor,
                    ended_with_eos: torch.Tensor, mean: float | None = None,
-                   std: float | None = None) -> torch.Tensor:
+                   std: float | None = None, max_length: int | None = None) -> torch.Tensor:
     """Raw scores (batch,) -> the scores PPO uses (batch,), as ``config`` asks (see module docstring).
 
     Normalises only when ``config.normalize`` is set and ``mean``/``std`` are given (a reward model
-    stores them; reward functions and URLs have none).
+    stores them; reward functions and URLs have none). ``max_length``: the responses' length limit
+    (max_new_tokens), which ``config.overlong_buffer`` needs.
     """
     if config.normalize and mean is not None and std is not None:
         scores = normalize_scores(scores, mean, std)
     scores = clip_scores(scores, config.clip)
-    return length_and_eos_penalty(scores, response_lengths, ended_with_eos,
-                                  config.length_penalty, config.eos_penalty)
+    scores = length_and_eos_penalty(scores, response_lengths, ended_with_eos,
+                                    config.length_penalty, config.eos_penalty)
+    if config.overlong_buffer:
+        if max_length is None:
+            raise ValueError("reward.overlong_buffer needs the responses' length limit (max_length)")
+        scores = scores + overlong_penalty(response_lengths, max_length, config.overlong_buffer,
+                                           config.overlong_penalty).to(scores.dtype)
+    return scores
