@@ -70,7 +70,7 @@ class Learner:
         from datetime import timedelta
 
         from actors.weight_sync import master_store
-        from cluster.runtime import import_deepspeed
+        from rlhf.deepspeed_setup import import_deepspeed
 
         deepspeed = import_deepspeed()
 
@@ -90,7 +90,7 @@ class Learner:
     def _initialize(self, model: torch.nn.Module, *, learning_rate: float, ds: DeepSpeedConfig,
                     algo: PPOAlgoConfig, bf16: bool) -> None:
         """DeepSpeed engine with an AdamW of ``learning_rate``; batch shape and clipping from ``algo``."""
-        from rlhf.training import adamw, deepspeed_config, deepspeed_engine
+        from rlhf.deepspeed_setup import adamw, deepspeed_config, deepspeed_engine
 
         from rlhf.models import use_training_attention
 
@@ -121,7 +121,7 @@ class Learner:
 
     def _step_tokens(self, schedule: list) -> list[int]:
         """Response tokens of each optimiser step of ``schedule``, summed over all ranks: one
-        all_reduce for the whole schedule (every rank has as many steps: check_config makes the
+        all_reduce for the whole schedule (every rank has as many steps: PPOConfig.check makes the
         samples a multiple of micro_batch_size x grad_accum x workers)."""
         import torch.distributed as dist
 

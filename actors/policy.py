@@ -16,7 +16,7 @@ import torch
 from actors.group import Learner
 from rlhf.algorithms import (
     LOSS_AGGREGATIONS, entropy_from_logits, logprob_diff, mean_stats, ptx_loss, response_logprobs,
-    shared_prompt_logits, token_logprobs, total_policy_loss, windowed_logits,
+    shared_prompt_logits, token_logprobs, total_policy_loss, truncated_importance_weights, windowed_logits,
 )
 from rlhf.config import DeepSpeedConfig, ModelConfig, PPOAlgoConfig
 
@@ -67,6 +67,18 @@ class PolicyLearner(Learner):
         with module.disable_adapter():
             return response_logprobs(module, batch, temperature, share_prompts=self.share_prompts)
 
+    @torch.no_grad()
+    def _learner_logprobs(self, experience: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, seq - 1) this rank's own logprobs of the sampled tokens, before this call's updates,
+        in micro-batches (for truncated importance sampling)."""
+        self.engine.eval()
+        rows, size = experience["input_ids"].shape[0], self.algo.micro_batch_size
+        keys = ("input_ids", "attention_mask", "action_mask")
+        return torch.cat([
+            response_logprobs(self.engine.module, {k: experience[k][start:start + size] for k in keys},
+                              self.temperature, share_prompts=self.share_prompts)
+            for start in range(0, rows, size)])
+
     def _ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The LM loss on one PTX micro-batch (input_ids, attention_mask, labels (batch, seq)), at
         temperature 1: the policy should stay a good model of the SFT data itself."""
@@ -88,8 +100,10 @@ class PolicyLearner(Learner):
         if algo.ptx_coef > 0 and (ptx_batches is None or len(ptx_batches) != micro_count):
             raise ValueError(f"ppo.ptx_coef > 0: expected {micro_count} PTX micro-batches (one per policy "
                              f"micro-batch), got {0 if ptx_batches is None else len(ptx_batches)}")
+        if algo.rollout_is_cap is not None:
+            experience = {**experience, "learner_logprobs": self._learner_logprobs(experience)}
         self.engine.train()
-        diffs = []
+        diffs, importance = [], []
 
         def micro_loss(batch, window, shared, *, weight, step_index, micro_index):
             logprobs, logits = self._forward(batch, window, shared)  # logits only where responses are
@@ -104,8 +118,15 @@ class PolicyLearner(Learner):
                 # Before the first update the learner's weights are the engine's: any gap is
                 # numerical mismatch that would silently make PPO off-policy.
                 diffs.append(logprob_diff(batch["logprobs"], logprobs.detach(), mask))
+            old_logprobs, importance_weights = batch["logprobs"], None
+            if "learner_logprobs" in batch:  # truncated importance sampling: the ratio against the learner's own
+                old_logprobs = batch["learner_logprobs"]
+                importance_weights, is_stats = truncated_importance_weights(
+                    old_logprobs, batch["logprobs"], mask, algo.rollout_is_cap)
+                importance.append(is_stats)
             return total_policy_loss(
-                logprobs=logprobs, old_logprobs=batch["logprobs"], advantages=batch["advantages"],
+                logprobs=logprobs, old_logprobs=old_logprobs, advantages=batch["advantages"],
+                importance_weights=importance_weights,
                 action_mask=mask, policy_loss_name=algo.policy_loss, clip_ratio=algo.clip_ratio,
                 clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip,
                 loss_agg=algo.loss_agg, loss_agg_length=algo.loss_agg_length, kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
@@ -117,6 +138,7 @@ class PolicyLearner(Learner):
         result = mean_stats(stats)
         result["rollout/logprob_diff"] = sum(diffs) / len(diffs)
         result["policy/skipped_steps"] = float(skipped)  # optimiser steps dropped for non-finite gradients
+        result.update({f"rollout/{key}": value for key, value in mean_stats(importance).items()})
         result.update(self._token_stats("policy"))
         return result
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["row"], f"{r['reward_first3']:.3f}", f"{r['reward_last3']:.3f}", f"{r['gain']:+.3f}",
                       f"{r['step_s_median']:.2f}", f"{r['kl_last']:.3f}", f"{r['clipfrac_mean']:.3f}",
                       f"{r['groups_dropped']:.0f}")
-    Console().print(table)
+    Console(width=160).print(table)
     write_atomic(Path(args.output), json.dumps({"model": args.model, "steps": args.steps, "reward": args.reward,
                                                 "rows": results}, indent=2))
     return 0

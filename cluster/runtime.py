@@ -58,64 +58,6 @@ def wait_for_actors(refs: list, *, role: str, timeout_s: float) -> list:
         raise ActorStartError(f"{role} failed to start: {cause}{hint}") from None
 
 
-def _build_running_in(folder: Path) -> bool:
-    """Whether a process works in ``folder`` (a build's ninja and compilers run there) or names it."""
-    import psutil
-
-    for process in psutil.process_iter(["cwd", "cmdline"]):
-        cwd, cmdline = process.info.get("cwd"), process.info.get("cmdline") or []
-        if (cwd and Path(cwd) == folder) or any(str(folder) in part for part in cmdline):
-            return True
-    return False
-
-
-def clear_stale_build_locks(max_age_s: float = 300.0) -> list[str]:
-    """Remove torch extension build locks older than ``max_age_s`` whose build no process is still
-    running; returns their paths.
-
-    DeepSpeed builds its CPU communication op on first use, under a lock file that torch waits on for
-    as long as it exists. A build killed half way (a Ray worker killed while it started) leaves the
-    lock behind, and every later DeepSpeed start on that machine would wait forever. A build takes
-    about a minute; a lock minutes old is removed unless a process still works in its folder (a slow
-    build on a loaded machine). Called where DeepSpeed starts."""
-    import logging
-    import time
-
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    removed = []
-    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
-        try:
-            age = time.time() - lock.stat().st_mtime
-            if age > max_age_s and not _build_running_in(lock.parent):
-                lock.unlink()
-                removed.append(str(lock))
-                logging.getLogger(__name__).warning(
-                    "removed a stale build lock %s (%.0f s old, left by a build that was killed); it would "
-                    "have made DeepSpeed wait forever", lock, age)
-        except FileNotFoundError:  # its build just finished
-            pass
-    return removed
-
-
-def import_deepspeed():
-    """``import deepspeed``, ready for training: stale build locks cleared first
-    (:func:`clear_stale_build_locks`), and DeepSpeed's shared-memory all-reduce op switched off.
-
-    DeepSpeed compiles that op with gcc when its communication starts on a CPU: 60-80 s on a new
-    machine, and about 25 s again whenever another virtual environment built it last (torch's build
-    cache is keyed by the op's name, and the sources' path differs). Only DeepSpeed's inference
-    all-reduce uses it; training's collectives are torch.distributed's. ``deepspeed.ops.__compatible_ops__``
-    is the dict DeepSpeed consults before building an op, kept for the process so edits to it last."""
-    clear_stale_build_locks()
-    import deepspeed
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
-
-
 # A local Ray runs no dashboard (one listener fewer), so Ray's State API is absent and Ray Train's
 # placement-group cleaner would warn about it every few seconds of every SFT and reward-model run.
 _NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"

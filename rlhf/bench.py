@@ -178,7 +178,7 @@ def _child_main(commands_fd: int, results_fd: int) -> None:
                 if command["op"] == "start":
                     rollout = RolloutConfig(**command["rollout"])
                     if rollout.backend == "vllm":
-                        from actors.rollout import vllm_env
+                        from rlhf.generation import vllm_env
 
                         os.environ.update(vllm_env())
                     import torch

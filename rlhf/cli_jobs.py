@@ -140,7 +140,12 @@ def check_command(argv: list[str], root: str | Path = "."):
     if args.command not in STAGES:
         raise ConfigError(f"`{shown}` is not a stage command ({', '.join(STAGES)})")
     config = str(Path(root) / args.config) if args.config else None
-    return load_config(args.command, config, args.overrides)
+    loaded = load_config(args.command, config, args.overrides)
+    for plugin in loaded.plugins:  # the job imports them from the working directory it is shipped
+        if not Path(plugin).is_relative_to(Path(root).resolve()):
+            raise ConfigError(f"plugins: {plugin} is outside the job's working directory {Path(root).resolve()}, "
+                              "so it would not reach the cluster; move it inside, or set job.working_dir")
+    return loaded
 
 
 def _print_info(info) -> None:

@@ -266,6 +266,11 @@ class StageConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     job: JobConfig = Field(default_factory=JobConfig, description="used by `rlhf submit` only")
 
+    def check(self) -> None:
+        """Checks across sections that need a stage's own code (PPO's batch arithmetic, say), run by
+        :func:`load_config` after the fields are valid: every command (the stage itself, `rlhf run`,
+        `rlhf submit`, `rlhf config show`) refuses such a config before anything starts."""
+
     @field_validator("plugins")
     @classmethod
     def _absolute_plugin_paths(cls, value: list[str]) -> list[str]:
@@ -447,6 +452,10 @@ class PPOAlgoConfig(Section):
     clip_ratio_high: float | None = Field(None, gt=0, description="upper clip range (ratio <= 1 + high; DAPO's "
                                           "clip-higher raises it, e.g. 0.28); default clip_ratio")
     dual_clip: float | None = Field(None, gt=1)
+    rollout_is_cap: float | None = Field(
+        None, gt=0, description="truncated importance sampling of the engine-versus-learner mismatch: each token's "
+        "policy loss weighted by min(p_learner / p_engine, cap), the PPO ratio taken against the learner's own "
+        "logprobs (one more forward pass per batch; off: null). Matters with bf16 or asynchronous rollouts")
     value_clip: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0)
     ptx_coef: float = Field(
@@ -642,6 +651,44 @@ class PPOConfig(StageConfig):
         "work in pairs on shared cores",
     )
 
+    def check(self) -> None:
+        """What the typed fields cannot check alone (run by load_config, and by rlhf.ppo.run before any
+        actor starts)."""
+        from rlhf.algorithms.advantages import ADVANTAGES  # imported here: the registries import this module
+
+        cfg, algo = self, self.ppo
+        samples = algo.rollout_batch_size * cfg.rollout.sampling.n
+        for role, world in (("policy", cfg.policy_workers), ("critic", cfg.critic_workers)):
+            per_step = algo.micro_batch_size * algo.grad_accum * world
+            if samples % per_step:
+                raise ConfigError(
+                    f"ppo.rollout_batch_size x rollout.sampling.n = {samples} samples must be a multiple of "
+                    f"ppo.micro_batch_size x ppo.grad_accum x {role}_workers = {per_step}"
+                )
+        if ADVANTAGES.info(algo.advantage)["needs_groups"] and cfg.rollout.sampling.n < 2:
+            raise ConfigError(f"ppo.advantage {algo.advantage} compares samples of one prompt: "
+                              "set rollout.sampling.n >= 2")
+        if algo.dynamic_sampling and not ADVANTAGES.info(algo.advantage)["needs_groups"]:
+            raise ConfigError(f"ppo.dynamic_sampling drops groups of samples of one prompt with equal rewards: it "
+                              f"needs a group advantage (ppo.advantage {algo.advantage} has no groups)")
+        buffer, limit = cfg.reward.overlong_buffer, cfg.rollout.sampling.max_new_tokens
+        if buffer is not None and buffer > limit:
+            raise ConfigError(f"reward.overlong_buffer {buffer} is longer than rollout.sampling.max_new_tokens "
+                              f"{limit}")
+        lora = cfg.model.lora is not None
+        if cfg.reference_from_policy and not lora:
+            raise ConfigError("reference_from_policy: true needs model.lora (the reference is the policy with its "
+                              "adapter disabled); without LoRA the reference is a separate actor")
+        if cfg.save_adapter_only and not lora:
+            raise ConfigError("save_adapter_only: true needs model.lora (there is no adapter to save)")
+        if cfg.critic is not None and cfg.critic.lora is not None:
+            raise ConfigError("critic.lora: LoRA applies to the policy only; the critic trains all its weights")
+        if algo.ptx_coef > 0 and cfg.ptx_data is None:
+            raise ConfigError("ppo.ptx_coef > 0 needs ptx_data: SFT records (prompt/response) for the PTX loss")
+        if cfg.ptx_data is not None and algo.ptx_coef == 0:
+            raise ConfigError("ptx_data is set but ppo.ptx_coef is 0: set ppo.ptx_coef > 0 to use it, or drop "
+                              "ptx_data")
+
 
 class ServeConfig(StageConfig):
     """`rlhf serve`: an OpenAI-compatible HTTP API on Ray Serve."""
@@ -819,6 +866,12 @@ class RunConfig(StageConfig):
             if "job" in getattr(self, stage).model_fields_set:
                 raise ValueError(f"{stage}.job: the pipeline is submitted as one job; set job: at the top level")
         return self
+
+    def check(self) -> None:
+        """The PPO stage's checks on its config as the pipeline wires it (the run's model, say), so a bad
+        PPO setting stops `rlhf run` before sft, pairs and rm have run."""
+        # As rlhf.pipeline.stage_configs wires it: the run's model (from the SFT model) and plugins.
+        self.ppo.model_copy(update={"model": self.model, "plugins": self.plugins}).check()
 
 
 STAGES: dict[str, type[StageConfig]] = {
@@ -1013,9 +1066,14 @@ def load_config(stage: str | type[StageConfig], path: str | Path | None = None,
     source = str(path) if path else "(defaults)"
     import_plugins(tree.get("plugins"), source)
     try:
-        return cls.model_validate(with_section_presets(cls, tree))
+        config = cls.model_validate(with_section_presets(cls, tree))
     except ValidationError as exc:
         raise explain(exc, cls, source) from None
+    try:
+        config.check()
+    except ConfigError as exc:
+        raise ConfigError(f"invalid config {source}:\n  {exc}") from None
+    return config
 
 
 def import_plugins(plugins: Any, source: str) -> None:

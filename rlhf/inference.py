@@ -80,7 +80,7 @@ class VLLMStreamer:
 
     def _run(self, path: str, engine_args: dict) -> None:
         try:
-            from actors.rollout import VLLMBackend
+            from rlhf.generation import VLLMBackend
 
             self._engine = VLLMBackend(path, **engine_args).llm.llm_engine
         except BaseException as exc:  # reported to the constructor, which raises it
@@ -153,7 +153,7 @@ class VLLMStreamer:
         Stopping early (a client that disconnects) aborts the request in the engine."""
         from vllm.sampling_params import RequestOutputKind
 
-        from actors.rollout import vllm_sampling_params
+        from rlhf.generation import vllm_sampling_params
 
         if sampling.n != 1:
             raise ValueError("stream() makes one completion: pass one_completion(sampling, i)")
@@ -189,7 +189,7 @@ class HFStreamer:
     name = "hf"
 
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
-        from actors.rollout import HFBackend
+        from rlhf.generation import HFBackend
         from rlhf.models import load_tokenizer
 
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -178,3 +178,22 @@ def test_reinforce_plus_plus_baseline_subtracts_the_group_mean_then_whitens_the_
     expected[3, 1] = 0.0
     close(advantages, expected.tolist())
     close(returns, [[1.0, 1.0], [3.0, 3.0], [4.0, 4.0], [8.0, 0.0]])
+
+
+def test_a_registry_refuses_a_second_entry_of_the_same_name_and_unknown_facts():
+    from rlhf.algorithms import Registry
+
+    registry = Registry("thing", "ppo.thing", defaults={"needs_critic": False})
+
+    @registry.register("a", needs_critic=True)
+    def first():
+        return 1
+
+    registry.register("a", needs_critic=True)(first)  # the same function again (a module imported twice)
+    with pytest.raises(ValueError, match="thing 'a' is already registered"):
+        registry.register("a")(lambda: 2)
+    with pytest.raises(TypeError, match=r"thing 'b': unknown facts \['critic'\]; known: needs_critic"):
+        registry.register("b", critic=True)
+    assert registry.info("a") == {"needs_critic": True} and registry.names() == ["a"]
+    with pytest.raises(ValueError, match=r"unknown thing 'c' \(ppo.thing\); registered: a"):
+        registry.get("c")

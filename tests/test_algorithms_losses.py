@@ -411,3 +411,21 @@ def test_cispo_keeps_a_clipped_tokens_gradient_with_a_clipped_weight():
     assert stats["clipfrac"] == 0.75  # 1.5 -> 1.2, 0.5 -> 0.8, 0.7 -> 0.8
     losses.sum().backward()
     close(logprobs.grad, [[*expected_weights, 0.0]], atol=1e-6)
+
+
+def test_truncated_importance_weights_hand_computed():
+    from rlhf.algorithms import total_policy_loss, truncated_importance_weights
+
+    # learner minus engine log ratios ln 0.5, 0, ln 3 (capped at 2), and a padding token holding NaN.
+    learner = torch.tensor([[math.log(0.5), 0.0, math.log(3.0), NAN]])
+    engine = torch.zeros(1, 4)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    weights, stats = truncated_importance_weights(learner, engine, mask, cap=2.0)
+    close(weights, [[0.5, 1.0, 2.0, 0.0]], atol=1e-6)
+    assert abs(stats["is_weight_mean"] - 3.5 / 3) < 1e-6 and abs(stats["is_clipped_fraction"] - 1 / 3) < 1e-6
+    # The weights multiply the policy's per-token losses: ratio 1 everywhere (logprobs = old), A = 1,
+    # so each token's loss is -1 and the token mean is -(0.5 + 1 + 2) / 3.
+    logprobs = torch.zeros(1, 4, requires_grad=True)
+    loss, _ = total_policy_loss(logprobs=logprobs, old_logprobs=torch.zeros(1, 4), advantages=torch.ones(1, 4),
+                                action_mask=mask, clip_ratio=0.2, importance_weights=weights)
+    close(loss, -3.5 / 3, atol=1e-6)

@@ -19,7 +19,7 @@ import yaml
 from cluster.placement import ROLLOUT_NODES, TRAIN_NODES
 from rlhf.cli import STAGE_MODULES
 from rlhf.cli_jobs import check_command
-from rlhf.config import load_config
+from rlhf.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "cluster" / "configs"
@@ -151,3 +151,17 @@ def test_rayservice_serves_the_aligned_policy():
         assert {e["name"] for e in container["env"]} >= {"RLHF_API_KEY"}
     if importlib.util.find_spec(module) is not None:
         assert callable(getattr(importlib.import_module(module), builder, None)), f"{module} has no {builder}"
+
+
+def test_a_submitted_jobs_plugins_must_be_inside_its_working_directory(tmp_path, monkeypatch):
+    """The job imports plugins from the working directory it is shipped with: a file outside it would
+    not reach the cluster, so `rlhf submit` refuses it; one inside passes."""
+    outside = tmp_path / "my_algos.py"
+    outside.write_text("from rlhf.algorithms import register_kl_estimator\n\n\n"
+                       "@register_kl_estimator('abs_log_ratio')\ndef abs_log_ratio(log_ratio):\n    return log_ratio.abs()\n")
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=r"plugins: .*my_algos.py is outside the job's working directory"):
+        check_command(["rlhf", "ppo", "-c", "configs/tiny/grpo.yaml", f"plugins=[{outside}]"], REPO)
+    config = check_command(["rlhf", "ppo", "-c", "configs/tiny/grpo.yaml", "plugins=[tests/data/my_algos.py]",
+                            "ppo.advantage=signed_outcome"], REPO)
+    assert config.ppo.advantage == "signed_outcome"

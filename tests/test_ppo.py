@@ -10,7 +10,7 @@ import torch
 
 from rlhf.config import ConfigError, load_config
 from rlhf.metrics import read_metrics
-from rlhf.ppo import batch_indices, check_config, make_experience, ptx_micro_batches, shard
+from rlhf.ppo import batch_indices, make_experience, ptx_micro_batches, shard
 
 RULE_REWARD = "tests/data/rule_reward.py:letter_e"
 PLUGIN = "tests/data/my_algos.py"
@@ -37,22 +37,37 @@ def test_prompt_batches_depend_only_on_seed_and_iteration():
 
 
 def test_config_checks_before_any_actor_starts(tiny_model_dir, tmp_path):
+    """Loading the config refuses what PPOConfig.check refuses (rlhf ppo, rlhf run, rlhf submit and
+    rlhf config show all load it first); a config built in code is checked by calling it."""
+    cases = [
+        ("multiple of", ["ppo.rollout_batch_size=3"]),
+        ("rollout.sampling.n >= 2", ["ppo.advantage=grpo", "rollout.sampling.n=1", "ppo.micro_batch_size=8"]),
+        ("needs model.lora", ["reference_from_policy=true"]),
+        ("needs model.lora", ["save_adapter_only=true"]),
+        ("critic.lora", [f"critic.path={tiny_model_dir}", "critic.lora.r=4"]),
+        ("needs ptx_data", ["ppo.ptx_coef=0.5"]),
+        ("ptx_coef is 0", ["ptx_data.train_path=default"]),
+        ("needs a group advantage", ["ppo.dynamic_sampling=true"]),
+        ("overlong_buffer 20 is longer than rollout.sampling.max_new_tokens 16", ["reward.overlong_buffer=20"]),
+    ]
+    for message, overrides in cases:
+        with pytest.raises(ConfigError, match=r"invalid config configs/tiny/ppo.yaml:\n  .*" + message):
+            _cfg(tiny_model_dir, tmp_path, *overrides)
+    good = _cfg(tiny_model_dir, tmp_path, "model.lora.r=4", "ppo.ptx_coef=0.5", "ptx_data.train_path=default")
+    good.check()
     with pytest.raises(ConfigError, match="multiple of"):
-        check_config(_cfg(tiny_model_dir, tmp_path, "ppo.rollout_batch_size=3"))
-    with pytest.raises(ConfigError, match="rollout.sampling.n >= 2"):
-        check_config(_cfg(tiny_model_dir, tmp_path, "ppo.advantage=grpo", "rollout.sampling.n=1",
-                          "ppo.micro_batch_size=8"))
-    with pytest.raises(ConfigError, match="needs model.lora"):
-        check_config(_cfg(tiny_model_dir, tmp_path, "reference_from_policy=true"))
-    with pytest.raises(ConfigError, match="needs model.lora"):
-        check_config(_cfg(tiny_model_dir, tmp_path, "save_adapter_only=true"))
-    with pytest.raises(ConfigError, match="critic.lora"):
-        check_config(_cfg(tiny_model_dir, tmp_path, f"critic.path={tiny_model_dir}", "critic.lora.r=4"))
-    with pytest.raises(ConfigError, match="needs ptx_data"):
-        check_config(_cfg(tiny_model_dir, tmp_path, "ppo.ptx_coef=0.5"))
-    with pytest.raises(ConfigError, match="ptx_coef is 0"):
-        check_config(_cfg(tiny_model_dir, tmp_path, "ptx_data.train_path=default"))
-    check_config(_cfg(tiny_model_dir, tmp_path, "model.lora.r=4", "ppo.ptx_coef=0.5", "ptx_data.train_path=default"))
+        good.model_copy(update={"ppo": good.ppo.model_copy(update={"rollout_batch_size": 3})}).check()
+
+
+def test_rlhf_run_and_config_show_refuse_a_bad_ppo_setting_before_any_stage_runs(capsys):
+    from rlhf.cli import main
+
+    with pytest.raises(ConfigError, match=r"invalid config configs/demo.yaml:\n  .*must be a multiple of"):
+        load_config("run", "configs/demo.yaml", ["ppo.ppo.rollout_batch_size=3"])
+    # The pipeline wires its own model into the PPO stage: its LoRA makes save_adapter_only valid there.
+    load_config("run", "configs/demo.yaml", ["model.lora.r=4", "ppo.save_adapter_only=true"])
+    assert main(["config", "show", "ppo", "-c", "configs/tiny/ppo.yaml", "ppo.rollout_batch_size=3"]) != 0
+    assert "must be a multiple of" in capsys.readouterr().err
 
 
 def test_held_out_evaluation_at_step_0_every_eval_every_steps_and_at_the_end(tiny_model_dir, tmp_path):
@@ -153,15 +168,15 @@ def test_outcome_advantages_see_the_kl_penalty_in_reward_mode(tiny_model_dir, tm
 
 
 @pytest.mark.parametrize("mode", ["reward", "loss"])
-@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce++"])
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"])
 def test_kl_coef_counts_in_every_advantage_and_kl_mode(tiny_model_dir, tmp_path, advantage, mode):
-    """Every (ppo.advantage, kl.mode) pair passes check_config, and the KL coefficient changes either the
+    """Every (ppo.advantage, kl.mode) pair passes PPOConfig.check, and the KL coefficient changes either the
     advantages (reward mode) or the policy's loss through its KL term (loss mode), as the policy
     learner assembles it from the experience."""
     from rlhf.algorithms import total_policy_loss
 
     cfg = _cfg(tiny_model_dir, tmp_path, f"ppo.advantage={advantage}", f"ppo.kl.mode={mode}", "ppo.kl.estimator=k3")
-    check_config(cfg)
+    cfg.check()
     losses, advantages = [], []
     for kl_coef in (0.0, 100.0):
         experience, _ = _kl_experience(cfg, kl_coef)
@@ -231,27 +246,31 @@ def test_a_plugin_file_registers_names_the_config_then_accepts(tiny_model_dir, t
     with pytest.raises(ConfigError, match=r"plugins: tests/data/missing.py is not a Python file"):
         _cfg(tiny_model_dir, tmp_path, "plugins=[tests/data/missing.py]")
     with pytest.raises(ConfigError, match=r"ppo.advantage signed_outcome compares samples of one prompt"):
-        check_config(_cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome",
-                          "rollout.sampling.n=1"))
+        _cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome", "rollout.sampling.n=1")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_estimator_and_a_loss_from_a_plugin_file_train(tiny_model_dir, tmp_path):
-    """The README's example: a user's own advantage estimator and policy loss, in their own file."""
+    """The README's example: a user's own advantage estimator and policy loss, in their own file; with
+    truncated importance sampling of the engine-versus-learner mismatch on (ppo.rollout_is_cap)."""
     import ray
 
     from rlhf.ppo import run
 
     try:
         run(_cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome",
-                 "ppo.policy_loss=vanilla_pg", "steps=10", "eval_every=0", "ppo.kl.coef=0.001",
-                 "ppo.policy_learning_rate=3e-3"))
+                 "ppo.policy_loss=vanilla_pg", "ppo.rollout_is_cap=2.0", "steps=10", "eval_every=0",
+                 "ppo.kl.coef=0.001", "ppo.policy_learning_rate=3e-3"))
     finally:
         ray.shutdown()
-    rewards = [r["reward/mean"] for r in _trained(tmp_path)]
+    records = _trained(tmp_path)
+    rewards = [r["reward/mean"] for r in records]
     assert len(rewards) == 10
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.04, rewards
+    # Engine (fp32 vLLM) and learner agree closely on the tiny model: weights near 1, rarely capped.
+    assert all(0.9 < r["rollout/is_weight_mean"] < 1.1 and r["rollout/is_clipped_fraction"] < 0.05
+               for r in records), [(r["rollout/is_weight_mean"], r["rollout/is_clipped_fraction"]) for r in records]
 
 
 @pytest.mark.slow

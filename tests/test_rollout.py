@@ -14,15 +14,8 @@ import time
 import pytest
 import torch
 
-from actors.rollout import (
-    RolloutEngine,
-    Sample,
-    hf_sampling,
-    logprob_agreement,
-    samples_to_batch,
-    sampling_config,
-    split_evenly,
-)
+from actors.rollout import RolloutEngine, logprob_agreement, samples_to_batch, split_evenly
+from rlhf.generation import Sample, hf_sampling, sampling_config
 from actors.weight_sync import (
     WeightBroadcaster,
     WeightReceiver,
@@ -145,7 +138,8 @@ def test_engine_settings_in_config():
 
 
 def test_vllm_compile_cache_is_shared_under_rlhf_home(monkeypatch, tmp_path):
-    from actors.rollout import engine_env, vllm_env
+    from actors.rollout import engine_env
+    from rlhf.generation import vllm_env
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path))
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)

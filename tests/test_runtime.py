@@ -90,7 +90,7 @@ def test_local_ray_stays_on_loopback_when_ray_is_imported_first():
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
     """A DeepSpeed op build killed half way leaves torch's lock file, which would make every later
     DeepSpeed start wait forever; one minutes old is removed (logged), a fresh one is a live build's."""
-    from cluster.runtime import clear_stale_build_locks
+    from rlhf.deepspeed_setup import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
@@ -124,7 +124,7 @@ def test_deepspeed_starts_without_building_its_inference_all_reduce_op(tmp_path)
 
     script = (
         "import os\n"
-        "from cluster.runtime import import_deepspeed\n"
+        "from rlhf.deepspeed_setup import import_deepspeed\n"
         "deepspeed = import_deepspeed()\n"
         "deepspeed.init_distributed(dist_backend='gloo')\n"
         "from deepspeed.comm import comm\n"

@@ -41,7 +41,7 @@ def test_causal_lm_and_scalar_models_refuse_pickled_weights(pickled_model_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_vllm_engine_refuses_pickled_weights(pickled_model_dir):
-    from actors.rollout import VLLMBackend
+    from rlhf.generation import VLLMBackend
 
     with pytest.raises(Exception, match="safetensors"):
         VLLMBackend(str(pickled_model_dir), max_model_len=256, kv_cache_gib=0.1)

@@ -29,7 +29,8 @@ from rlhf.algorithms.kl import (
 )
 from rlhf.algorithms.losses import (
     LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate, entropy_from_logits, kl_loss, masked_mean, policy_loss,
-    policy_token_losses, ptx_loss, register_loss_aggregation, register_policy_loss, total_policy_loss, value_loss,
+    policy_token_losses, ptx_loss, register_loss_aggregation, register_policy_loss, total_policy_loss,
+    truncated_importance_weights, value_loss,
 )
 from rlhf.algorithms.registry import Registry, load_plugins
 from rlhf.algorithms.rewards import (
@@ -44,6 +45,6 @@ __all__ += [
     "register_kl_estimator",
     "LOSS_AGGREGATIONS", "POLICY_LOSSES", "aggregate", "entropy_from_logits", "kl_loss", "masked_mean",
     "policy_loss", "policy_token_losses", "ptx_loss", "register_loss_aggregation", "register_policy_loss",
-    "total_policy_loss", "value_loss", "Registry", "load_plugins",
+    "total_policy_loss", "truncated_importance_weights", "value_loss", "Registry", "load_plugins",
     "clip_scores", "length_and_eos_penalty", "normalize_scores", "process_scores", "shape_rewards",
 ]

@@ -218,6 +218,30 @@ def cispo_token_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     return -weight * advantages * logprobs, stats
 
 
+def truncated_importance_weights(learner_logprobs: torch.Tensor, engine_logprobs: torch.Tensor,
+                                 action_mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling of the engine-versus-learner mismatch (Yao et al., 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"): the rollout engine samples
+    with its own numerics (bf16, other kernels, or weights one sync behind), so its policy is not quite
+    the learner's. Each token's policy loss is weighted by
+
+        w_t = min(exp(learner_logprobs_t - engine_logprobs_t), cap)     (no gradient)
+
+    learner_logprobs: the learner's own logprobs of the sampled tokens before this batch's updates;
+    engine_logprobs: the engine's; action_mask (batch, seq) -> weights (batch, seq), 0 on padding, and
+    stats ``is_weight_mean`` (after the cap) and ``is_clipped_fraction`` (tokens whose weight the cap cut).
+    """
+    if cap <= 0:
+        raise ValueError(f"the importance weight cap must be > 0, got {cap}")
+    valid = action_mask.bool()
+    log_ratio = torch.where(valid, learner_logprobs - engine_logprobs, torch.zeros_like(learner_logprobs))
+    raw = torch.exp(log_ratio.detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    weights = torch.where(valid, raw.clamp(max=cap), torch.zeros_like(raw))
+    stats = {"is_weight_mean": float(masked_mean(weights, action_mask)),
+             "is_clipped_fraction": float(masked_mean((raw > cap).float(), action_mask))}
+    return weights, stats
+
+
 def policy_token_losses(name: str, **inputs) -> tuple[torch.Tensor, dict[str, float]]:
     """Run policy loss ``name`` on the subset of ``inputs`` it takes (as ``compute_advantages`` does)."""
     fn = POLICY_LOSSES.get(name)
@@ -321,6 +345,7 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
                       kl_coef: float = 0.0, kl_estimator: KLEstimator = "k3",
                       entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
                       ptx: torch.Tensor | None = None, ptx_coef: float = 0.0,
+                      importance_weights: torch.Tensor | None = None,
                       token_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's whole loss for one micro-batch, assembled as in the module docstring.
 
@@ -331,8 +356,9 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
     by a constant). kl_in_loss: add ``kl_coef`` times the aggregated KL estimate ``kl_estimator`` to
     the reference (needs ref_logprobs (batch, seq)). entropy (batch, seq): :func:`entropy_from_logits`
     of the policy's logits at the same positions (needed when entropy_coef > 0). ptx: a scalar
-    :func:`ptx_loss` on a pretraining/SFT batch (needed when ptx_coef > 0). token_weight: multiplies
-    the aggregated terms (policy, KL, entropy) but not the PTX term
+    :func:`ptx_loss` on a pretraining/SFT batch (needed when ptx_coef > 0). importance_weights
+    (batch, seq): multiply the policy's per-token losses (:func:`truncated_importance_weights`).
+    token_weight: multiplies the aggregated terms (policy, KL, entropy) but not the PTX term
     (``rlhf.algorithms.batching.token_loss_weight``; 1 for a lone micro-batch).
 
     Returns (scalar loss, stats) with stats named as the metrics are: ``loss/policy`` (the aggregated
@@ -350,6 +376,8 @@ def total_policy_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
         clip_ratio_low=clip_ratio if clip_ratio_low is None else clip_ratio_low,
         clip_ratio_high=clip_ratio if clip_ratio_high is None else clip_ratio_high,
     )
+    if importance_weights is not None:
+        token_losses = token_losses * importance_weights.detach()
     pg = agg(token_losses)
     stats = {"loss/policy": float(pg.detach())}
     stats.update({f"policy/{key}": value for key, value in pg_stats.items()})
