@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("submit", "jobs"):
             from rlhf.cli_jobs import run_job_command
-            return run_job_command(args)
+            return run_job_command(args, parse_args)
         return _run_stage(args.command, args)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

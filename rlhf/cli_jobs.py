@@ -19,6 +19,7 @@ import contextlib
 import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -120,13 +121,13 @@ def _when(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
-def check_command(argv: list[str], root: str | Path = "."):
+def check_command(argv: list[str], root: str | Path, parse_args: Callable[[list[str]], argparse.Namespace]):
     """Parse ``rlhf ...`` as the job will and load its config: a bad command fails here, not remotely.
 
-    ``argv`` starts with ``rlhf``; a relative ``-c`` path is taken inside ``root``. Returns the config.
+    ``argv`` starts with ``rlhf``; a relative ``-c`` path is taken inside ``root``; ``parse_args`` is
+    the CLI's own parser (rlhf.cli hands it over: that module imports this one). Returns the config.
     """
     from cluster.jobs import display_command
-    from rlhf.cli import parse_args
 
     shown = display_command(argv)
     if not argv or argv[0] != "rlhf":
@@ -183,7 +184,7 @@ def job_section(config: str | None, overrides: list[str]) -> JobConfig:
         raise explain(exc, StageConfig, config or "(defaults)") from None
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _submit(args: argparse.Namespace, parse_args: Callable[[list[str]], argparse.Namespace]) -> int:
     from cluster import jobs
 
     overrides = [a for a in args.overrides if "=" in a]
@@ -202,7 +203,7 @@ def _submit(args: argparse.Namespace) -> int:
         stage_args.append("--quick")
     argv = jobs.stage_command(args.stage, config, overrides, stage_args)
     if not args.no_check:
-        check_command(argv, root)
+        check_command(argv, root, parse_args)
 
     client = jobs.JobClient(job.address)
     submission_id = client.submit(
@@ -255,12 +256,13 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_job_command(args: argparse.Namespace) -> int:
-    """Run `rlhf submit ...` or `rlhf jobs ...`; user errors are printed, exit status 2."""
+def run_job_command(args: argparse.Namespace, parse_args: Callable[[list[str]], argparse.Namespace]) -> int:
+    """Run `rlhf submit ...` (checking the job's command with ``parse_args``, the CLI's parser) or
+    `rlhf jobs ...`; user errors are printed, exit status 2."""
     from cluster.jobs import JobError
 
     try:
-        return _submit(args) if args.command == "submit" else _jobs(args)
+        return _submit(args, parse_args) if args.command == "submit" else _jobs(args)
     except (JobError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -294,7 +294,8 @@ def _generate(reference: ModelConfig, policy: ModelConfig, prompt_ids: list[list
     sampling = cfg.sampling.model_copy(update={"seed": cfg.seed})
     one_engine = (reference.model_copy(update={"path": policy.path}) == policy
                   and differ_only_in_weights(reference.path, policy.path))
-    start = functools.partial(RolloutGroup, rollout=rollout, seed=cfg.seed, resource_timeout_s=cfg.ray.resource_timeout_s)
+    start = functools.partial(RolloutGroup, rollout=rollout, seed=cfg.seed,
+                              resource_timeout_s=cfg.ray.resource_timeout_s)
     engines = start(reference)
     try:
         samples = {"before": engines.generate(prompt_ids, sampling)}

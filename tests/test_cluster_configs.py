@@ -17,7 +17,7 @@ import ray
 import yaml
 
 from cluster.placement import ROLLOUT_NODES, TRAIN_NODES
-from rlhf.cli import STAGE_MODULES
+from rlhf.cli import STAGE_MODULES, parse_args
 from rlhf.cli_jobs import check_command
 from rlhf.config import ConfigError, load_config
 
@@ -130,7 +130,7 @@ def test_rayjob_runs_the_pipeline_on_gpu_worker_groups():
     assert f"output_dir={SHARED}/runs/demo" in argv
     if not (REPO / "configs" / "demo.yaml").is_file():
         pytest.skip("configs/demo.yaml (the pipeline's preset) is not in this checkout yet")
-    check_command(argv, REPO)  # parses as the job will, and the config loads
+    check_command(argv, REPO, parse_args)  # parses as the job will, and the config loads
 
 
 def test_rayservice_serves_the_aligned_policy():
@@ -161,7 +161,7 @@ def test_a_submitted_jobs_plugins_must_be_inside_its_working_directory(tmp_path,
                        "@register_kl_estimator('abs_log_ratio')\ndef abs_log_ratio(log_ratio):\n    return log_ratio.abs()\n")
     monkeypatch.chdir(REPO)
     with pytest.raises(ConfigError, match=r"plugins: .*my_algos.py is outside the job's working directory"):
-        check_command(["rlhf", "ppo", "-c", "configs/tiny/grpo.yaml", f"plugins=[{outside}]"], REPO)
+        check_command(["rlhf", "ppo", "-c", "configs/tiny/grpo.yaml", f"plugins=[{outside}]"], REPO, parse_args)
     config = check_command(["rlhf", "ppo", "-c", "configs/tiny/grpo.yaml", "plugins=[tests/data/my_algos.py]",
-                            "ppo.advantage=signed_outcome"], REPO)
+                            "ppo.advantage=signed_outcome"], REPO, parse_args)
     assert config.ppo.advantage == "signed_outcome"

@@ -237,9 +237,10 @@ def test_mean_reward_rises(tiny_model_dir, tmp_path, advantage):
 
 
 def test_a_plugin_file_registers_names_the_config_then_accepts(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown advantage estimator 'signed_outcome' \(ppo.advantage\); "
+    # (Registries live for the process: another test may have imported the plugin already.)
+    with pytest.raises(ConfigError, match=r"unknown advantage estimator 'nobody_registered_this' \(ppo.advantage\); "
                                           r"registered: dr_grpo, gae, grpo"):
-        _cfg(tiny_model_dir, tmp_path, "ppo.advantage=signed_outcome")
+        _cfg(tiny_model_dir, tmp_path, "ppo.advantage=nobody_registered_this")
     cfg = _cfg(tiny_model_dir, tmp_path, f"plugins=[{PLUGIN}]", "ppo.advantage=signed_outcome",
                "ppo.policy_loss=vanilla_pg")
     assert cfg.plugins == [str(Path(PLUGIN).resolve())]  # absolute: Ray workers have their own directory
