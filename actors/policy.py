@@ -119,19 +119,19 @@ class PolicyLearner(Learner):
                 # numerical mismatch that would silently make PPO off-policy.
                 diffs.append(logprob_diff(batch["logprobs"], logprobs.detach(), mask))
             old_logprobs, importance_weights = batch["logprobs"], None
-            if "learner_logprobs" in batch:  # truncated importance sampling: the ratio against the learner's own
+            if "learner_logprobs" in batch:  # truncated importance sampling: the ratio is against the learner
                 old_logprobs = batch["learner_logprobs"]
                 importance_weights, is_stats = truncated_importance_weights(
                     old_logprobs, batch["logprobs"], mask, algo.rollout_is_cap)
                 importance.append(is_stats)
             return total_policy_loss(
-                logprobs=logprobs, old_logprobs=old_logprobs, advantages=batch["advantages"],
-                importance_weights=importance_weights,
-                action_mask=mask, policy_loss_name=algo.policy_loss, clip_ratio=algo.clip_ratio,
-                clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip,
-                loss_agg=algo.loss_agg, loss_agg_length=algo.loss_agg_length, kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"),
-                kl_coef=kl_coef, kl_estimator=algo.kl.estimator,
-                entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx, ptx_coef=algo.ptx_coef, token_weight=weight,
+                logprobs=logprobs, old_logprobs=old_logprobs, advantages=batch["advantages"], action_mask=mask,
+                policy_loss_name=algo.policy_loss, clip_ratio=algo.clip_ratio, clip_ratio_low=algo.clip_ratio_low,
+                clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip, importance_weights=importance_weights,
+                loss_agg=algo.loss_agg, loss_agg_length=algo.loss_agg_length,
+                kl_in_loss=algo.kl.mode == "loss", ref_logprobs=batch.get("ref_logprobs"), kl_coef=kl_coef,
+                kl_estimator=algo.kl.estimator, entropy=entropy, entropy_coef=algo.entropy_coef, ptx=ptx,
+                ptx_coef=algo.ptx_coef, token_weight=weight,
             )
 
         stats, skipped = self._train_steps(experience, schedule, micro_loss, "policy")
