@@ -44,7 +44,7 @@ import torch
 
 from rlhf.algorithms import (
     ADVANTAGES, compute_advantages, kl_estimate, make_kl_controller, masked_mean, needs_critic, process_scores,
-    shape_rewards, whiten,
+    shape_rewards, uniform_groups, whiten,
 )
 from rlhf.config import ConfigError, PPOConfig
 from rlhf.data.formats import last_user_text
@@ -378,9 +378,8 @@ class PPOTrainer:
             texts = [s.text for s in samples]
             prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
             scores = ray.get(self.reward.scores.remote(prompt_texts, texts))
-            for g, prompt in enumerate(prompts):
-                group = (prompt, samples[g * n:(g + 1) * n], scores[g * n:(g + 1) * n])
-                (kept if max(group[2]) - min(group[2]) > 1e-9 else dropped).append(group)
+            for g, (prompt, uniform) in enumerate(zip(prompts, uniform_groups(scores, n))):
+                (dropped if uniform else kept).append((prompt, samples[g * n:(g + 1) * n], scores[g * n:(g + 1) * n]))
             rounds += 1
             if len(kept) >= algo.rollout_batch_size or rounds > algo.dynamic_sampling_max_rounds:
                 break

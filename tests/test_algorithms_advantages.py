@@ -197,3 +197,12 @@ def test_a_registry_refuses_a_second_entry_of_the_same_name_and_unknown_facts():
     assert registry.info("a") == {"needs_critic": True} and registry.names() == ["a"]
     with pytest.raises(ValueError, match=r"unknown thing 'c' \(ppo.thing\); registered: a"):
         registry.get("c")
+
+
+def test_uniform_groups_are_those_whose_samples_all_scored_the_same():
+    from rlhf.algorithms import uniform_groups
+
+    # groups of 3: (1, 1, 1) uniform, (0.2, 1, 0.2) not, (0.5, 0.5, 0.5 + 1e-12) uniform within 1e-9
+    assert uniform_groups([1, 1, 1, 0.2, 1, 0.2, 0.5, 0.5, 0.5 + 1e-12], 3) == [True, False, True]
+    with pytest.raises(ValueError, match="4 scores do not make groups of 3"):
+        uniform_groups([1, 2, 3, 4], 3)

@@ -21,7 +21,7 @@ __all__ = ["causal_lm_logprobs", "crop_to_window", "logprob_diff", "response_log
 # batching.py (epochs, micro-batches); registry.py holds the registries' type and load_plugins.
 from rlhf.algorithms.advantages import (
     ADVANTAGES, compute_advantages, dr_grpo, gae, grpo, needs_critic, register_advantage, reinforce_plus_plus,
-    reinforce_plus_plus_baseline, rloo, whiten,
+    reinforce_plus_plus_baseline, rloo, uniform_groups, whiten,
 )
 from rlhf.algorithms.batching import MicroBatch, mean_stats, micro_batches, ppo_schedule, token_loss_weight
 from rlhf.algorithms.kl import (
@@ -39,7 +39,7 @@ from rlhf.algorithms.rewards import (
 
 __all__ += [
     "ADVANTAGES", "compute_advantages", "dr_grpo", "gae", "grpo", "needs_critic", "register_advantage",
-    "reinforce_plus_plus", "reinforce_plus_plus_baseline", "rloo", "whiten",
+    "reinforce_plus_plus", "reinforce_plus_plus_baseline", "rloo", "uniform_groups", "whiten",
     "MicroBatch", "mean_stats", "micro_batches", "ppo_schedule", "token_loss_weight",
     "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "kl_estimate", "make_kl_controller",
     "register_kl_estimator",

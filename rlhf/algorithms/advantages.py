@@ -232,6 +232,15 @@ def reinforce_plus_plus(token_rewards: torch.Tensor, action_mask: torch.Tensor,
     return whiten(returns, action_mask), returns
 
 
+def uniform_groups(scores: list[float], n: int, tolerance: float = 1e-9) -> list[bool]:
+    """For scores of consecutive groups of ``n`` samples (prompt-major), whether each group's scores
+    are all equal (within ``tolerance``): under a group baseline such a group has zero advantage and
+    teaches nothing (DAPO's dynamic sampling drops it). A partial last group is an error."""
+    if n < 1 or len(scores) % n:
+        raise ValueError(f"{len(scores)} scores do not make groups of {n}")
+    return [max(scores[i:i + n]) - min(scores[i:i + n]) <= tolerance for i in range(0, len(scores), n)]
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
            eps: float = 1e-8) -> torch.Tensor:
     """Normalise ``values`` to mean 0, variance 1 over the positions where ``mask`` is 1.
