@@ -656,36 +656,36 @@ class PPOConfig(StageConfig):
         actor starts)."""
         from rlhf.algorithms.advantages import ADVANTAGES  # imported here: the registries import this module
 
-        cfg, algo = self, self.ppo
-        samples = algo.rollout_batch_size * cfg.rollout.sampling.n
-        for role, world in (("policy", cfg.policy_workers), ("critic", cfg.critic_workers)):
+        algo = self.ppo
+        samples = algo.rollout_batch_size * self.rollout.sampling.n
+        for role, world in (("policy", self.policy_workers), ("critic", self.critic_workers)):
             per_step = algo.micro_batch_size * algo.grad_accum * world
             if samples % per_step:
                 raise ConfigError(
                     f"ppo.rollout_batch_size x rollout.sampling.n = {samples} samples must be a multiple of "
                     f"ppo.micro_batch_size x ppo.grad_accum x {role}_workers = {per_step}"
                 )
-        if ADVANTAGES.info(algo.advantage)["needs_groups"] and cfg.rollout.sampling.n < 2:
+        if ADVANTAGES.info(algo.advantage)["needs_groups"] and self.rollout.sampling.n < 2:
             raise ConfigError(f"ppo.advantage {algo.advantage} compares samples of one prompt: "
                               "set rollout.sampling.n >= 2")
         if algo.dynamic_sampling and not ADVANTAGES.info(algo.advantage)["needs_groups"]:
             raise ConfigError(f"ppo.dynamic_sampling drops groups of samples of one prompt with equal rewards: it "
                               f"needs a group advantage (ppo.advantage {algo.advantage} has no groups)")
-        buffer, limit = cfg.reward.overlong_buffer, cfg.rollout.sampling.max_new_tokens
+        buffer, limit = self.reward.overlong_buffer, self.rollout.sampling.max_new_tokens
         if buffer is not None and buffer > limit:
             raise ConfigError(f"reward.overlong_buffer {buffer} is longer than rollout.sampling.max_new_tokens "
                               f"{limit}")
-        lora = cfg.model.lora is not None
-        if cfg.reference_from_policy and not lora:
+        lora = self.model.lora is not None
+        if self.reference_from_policy and not lora:
             raise ConfigError("reference_from_policy: true needs model.lora (the reference is the policy with its "
                               "adapter disabled); without LoRA the reference is a separate actor")
-        if cfg.save_adapter_only and not lora:
+        if self.save_adapter_only and not lora:
             raise ConfigError("save_adapter_only: true needs model.lora (there is no adapter to save)")
-        if cfg.critic is not None and cfg.critic.lora is not None:
+        if self.critic is not None and self.critic.lora is not None:
             raise ConfigError("critic.lora: LoRA applies to the policy only; the critic trains all its weights")
-        if algo.ptx_coef > 0 and cfg.ptx_data is None:
+        if algo.ptx_coef > 0 and self.ptx_data is None:
             raise ConfigError("ppo.ptx_coef > 0 needs ptx_data: SFT records (prompt/response) for the PTX loss")
-        if cfg.ptx_data is not None and algo.ptx_coef == 0:
+        if self.ptx_data is not None and algo.ptx_coef == 0:
             raise ConfigError("ptx_data is set but ppo.ptx_coef is 0: set ppo.ptx_coef > 0 to use it, or drop "
                               "ptx_data")
 

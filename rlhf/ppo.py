@@ -328,8 +328,6 @@ class PPOTrainer:
         batch = samples_to_batch(samples, self.tokenizer.pad_token_id)
         # With the action mask the models score the response tokens alone (scored_window).
         rollout = {k: batch[k] for k in ("input_ids", "attention_mask", "action_mask")}
-        texts = [s.text for s in samples]
-        prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
 
         def reference_logprobs():
             if self.reference is not None:
@@ -340,7 +338,7 @@ class PPOTrainer:
             return self.critic.call_sharded("values", shard(rollout, len(self.critic.actors))) if self.critic else []
 
         def scores():
-            return [self.reward.scores.remote(prompt_texts, texts)] if score_list is None else []
+            return [self.score(prompts, samples)] if score_list is None else []
 
         ref_parts, value_parts, score_parts = self.in_turns_or_together(
             [(reference_logprobs, ray.get), (critic_values, ray.get), (scores, ray.get)])
@@ -357,6 +355,11 @@ class PPOTrainer:
         )
         timings["timing/make_experience"] = time.perf_counter() - started
         return batch, {**experience, "scores": scores}, {**metrics, **dynamic}, timings
+
+    def score(self, prompts: list[dict], samples: list):
+        """The reward actor's call on ``samples`` (prompt-major, ``sampling.n`` per prompt): an object ref."""
+        prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(self.sampling.n)]
+        return self.reward.scores.remote(prompt_texts, [s.text for s in samples])
 
     def generate(self, prompts: list[dict], draw: int) -> list:
         """``sampling.n`` samples of each prompt, seeded by (seed, iteration, draw)."""
@@ -375,9 +378,7 @@ class PPOTrainer:
         algo, n = self.cfg.ppo, self.sampling.n
         kept, dropped, rounds = [], [], 0
         while True:
-            texts = [s.text for s in samples]
-            prompt_texts = [last_user_text(p["messages"]) for p in prompts for _ in range(n)]
-            scores = ray.get(self.reward.scores.remote(prompt_texts, texts))
+            scores = ray.get(self.score(prompts, samples))
             for g, (prompt, uniform) in enumerate(zip(prompts, uniform_groups(scores, n))):
                 (dropped if uniform else kept).append((prompt, samples[g * n:(g + 1) * n], scores[g * n:(g + 1) * n]))
             rounds += 1

@@ -55,16 +55,12 @@ def compute_advantages(name: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]
     Inputs no registered estimator accepts are an error (catches typos such as ``gama=``); a missing
     input the chosen estimator needs is an error naming it.
     """
-    fn = ADVANTAGES.get(name)
+    ADVANTAGES.check(name)
     known = {p for _, f in ADVANTAGES.items() for p in inspect.signature(f).parameters}
     unknown = sorted(set(inputs) - known)
     if unknown:
         raise TypeError(f"unknown advantage inputs {unknown}; known: {', '.join(sorted(known))}")
-    params = inspect.signature(fn).parameters
-    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in inputs]
-    if missing:
-        raise TypeError(f"advantage estimator {name!r} needs {', '.join(missing)}")
-    return fn(**{k: v for k, v in inputs.items() if k in params})
+    return ADVANTAGES.call(name, **inputs)
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:

@@ -243,13 +243,8 @@ def truncated_importance_weights(learner_logprobs: torch.Tensor, engine_logprobs
 
 
 def policy_token_losses(name: str, **inputs) -> tuple[torch.Tensor, dict[str, float]]:
-    """Run policy loss ``name`` on the subset of ``inputs`` it takes (as ``compute_advantages`` does)."""
-    fn = POLICY_LOSSES.get(name)
-    params = inspect.signature(fn).parameters
-    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in inputs]
-    if missing:
-        raise TypeError(f"policy loss {name!r} needs {', '.join(missing)}")
-    return fn(**{k: v for k, v in inputs.items() if k in params})
+    """Run policy loss ``name`` on the subset of ``inputs`` it takes (``Registry.call``)."""
+    return POLICY_LOSSES.call(name, **inputs)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

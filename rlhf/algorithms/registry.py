@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,16 @@ class Registry:
 
     def items(self):
         return self._entries.items()
+
+    def call(self, name: str, **inputs: Any):
+        """Run entry ``name`` on the subset of ``inputs`` it takes by name, so that a caller can hand
+        every entry the same inputs; a required input it does not get is a TypeError naming it."""
+        fn = self.get(name)
+        params = inspect.signature(fn).parameters
+        missing = [p.name for p in params.values() if p.default is p.empty and p.name not in inputs]
+        if missing:
+            raise TypeError(f"{self.kind} {name!r} needs {', '.join(missing)}")
+        return fn(**{k: v for k, v in inputs.items() if k in params})
 
 
 def load_plugins(paths: list[str]) -> list[str]:
