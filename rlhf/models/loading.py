@@ -78,10 +78,11 @@ def use_training_attention(model: torch.nn.Module, choice: str, device: torch.de
     attention on the CPU, the model's own (sdpa) elsewhere: the fused CPU kernel's backward is slow,
     and 2-3x slower again inside Ray workers (a default-model GRPO step trained in 7.1-7.6 s instead
     of 9.7-11.8 s in bf16 with eager attention). Models that name no kernel are left as they are."""
+    from rlhf.algorithms import attention_kernel
+
     wanted = ("eager" if device.type == "cpu" else None) if choice == "auto" else choice
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    if wanted is not None and current not in (None, wanted):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's own
+    if wanted is not None and attention_kernel(base) not in (None, wanted):  # None: not a transformers model
         base.set_attn_implementation(wanted)
 
 
