@@ -27,18 +27,18 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> overrides of configs/tiny/grpo.yaml (GRPO, KL loss k3 0.01, token mean)
-ROWS: dict[str, list[str]] = {
-    "grpo": [],
-    "dr_grpo + seq_mean_token_sum_norm": ["ppo.advantage=dr_grpo", "ppo.loss_agg=seq_mean_token_sum_norm"],
-    "rloo": ["ppo.advantage=rloo"],
-    "reinforce++": ["ppo.advantage=reinforce++"],
-    "reinforce++_baseline": ["ppo.advantage=reinforce++_baseline"],
-    "gae (critic)": ["ppo.advantage=gae", "ppo.lam=1.0", "ppo.critic_learning_rate=3e-3"],
-    "grpo + gspo": ["ppo.policy_loss=gspo", "ppo.loss_agg=seq_mean_token_mean", "ppo.clip_ratio_low=3e-4",
-                    "ppo.clip_ratio_high=4e-4"],
-    "grpo + cispo": ["ppo.policy_loss=cispo", "ppo.clip_ratio_low=1.0", "ppo.clip_ratio_high=0.28"],
-    "dapo (configs/tiny/dapo.yaml)": ["@dapo"],
+# name -> (preset in configs/tiny, its overrides); grpo.yaml: GRPO, KL loss k3 0.01, token mean
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "grpo": ("grpo", []),
+    "dr_grpo + seq_mean_token_sum_norm": ("grpo", ["ppo.advantage=dr_grpo", "ppo.loss_agg=seq_mean_token_sum_norm"]),
+    "rloo": ("grpo", ["ppo.advantage=rloo"]),
+    "reinforce++": ("grpo", ["ppo.advantage=reinforce++"]),
+    "reinforce++_baseline": ("grpo", ["ppo.advantage=reinforce++_baseline"]),
+    "gae (critic)": ("grpo", ["ppo.advantage=gae", "ppo.lam=1.0", "ppo.critic_learning_rate=3e-3"]),
+    "grpo + gspo": ("grpo", ["ppo.policy_loss=gspo", "ppo.loss_agg=seq_mean_token_mean", "ppo.clip_ratio_low=3e-4",
+                             "ppo.clip_ratio_high=4e-4"]),
+    "grpo + cispo": ("grpo", ["ppo.policy_loss=cispo", "ppo.clip_ratio_low=1.0", "ppo.clip_ratio_high=0.28"]),
+    "dapo (configs/tiny/dapo.yaml)": ("dapo", []),
 }
 
 
@@ -62,14 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.paths import write_atomic
     from rlhf.ppo import run
 
-    rows = {name: o for name, o in ROWS.items()
+    rows = {name: row for name, row in ROWS.items()
             if not args.only or any(name.startswith(p) for p in args.only.split(","))}
     results = []
     init_ray(RayConfig())
     try:
-        for name, overrides in rows.items():
-            preset = "dapo" if overrides == ["@dapo"] else "grpo"
-            overrides = [] if preset == "dapo" else overrides
+        for name, (preset, overrides) in rows.items():
             with tempfile.TemporaryDirectory(prefix="rlhf-algorithms-") as out:
                 cfg = load_config("ppo", ROOT / "configs" / "tiny" / f"{preset}.yaml", [
                     f"model.path={args.model}", f"output_dir={out}", f"reward.function={args.reward}",
